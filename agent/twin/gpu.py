@@ -1,0 +1,105 @@
+"""The emulated GPU: SM clock state as NVML exposes it, and an energy counter.
+
+Clock semantics follow NVML: `lock_sm_clock_mhz(f)` is `nvmlDeviceSetGpuLockedClocks(f, f)`
+and `reset_sm_clock()` is `nvmlDeviceResetGpuLockedClocks`. A change takes effect after
+`clock_change_delay_s` (NVML SetGpuLockedClocks measured at ~4.5 ms p50 on A800, see
+reference/throttllem.md §3.6). Unlocked ("stock"), the GPU boosts to its max clock whenever it
+has work and idles down otherwise. An iteration runs at the clock in force when it starts.
+
+Time is given by the caller (virtual or wall clock); this class never reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.domain import GpuSpec
+from agent.twin.latency import IterationCost
+from agent.twin.power import PowerModel
+
+DEFAULT_CLOCK_CHANGE_DELAY_S = 0.005
+
+
+class UnsupportedClockError(ValueError):
+    """A clock the GPU does not list among its supported SM clocks."""
+
+
+@dataclass(slots=True)
+class _PendingChange:
+    effective_s: float
+    locked_mhz: int | None
+
+
+class TwinGpu:
+    """SM clock control, power and cumulative energy of one emulated GPU."""
+
+    def __init__(self, spec: GpuSpec, clock_change_delay_s: float = DEFAULT_CLOCK_CHANGE_DELAY_S) -> None:
+        if clock_change_delay_s < 0:
+            raise ValueError("clock_change_delay_s must be >= 0")
+        self.spec = spec
+        self.power = PowerModel(spec)
+        self.clock_change_delay_s = clock_change_delay_s
+        self._supported = frozenset(spec.sm_clocks_mhz)
+        self._locked_mhz: int | None = None
+        self._pending: _PendingChange | None = None
+        self.energy_j = 0.0
+        self.clock_changes = 0  # locks/resets that changed the effective state
+
+    def supported_clocks_mhz(self) -> tuple[int, ...]:
+        """Supported SM clocks, highest first (as nvmlDeviceGetSupportedGraphicsClocks)."""
+        return self.spec.sm_clocks_mhz
+
+    def lock_sm_clock_mhz(self, clock_mhz: int, now_s: float) -> None:
+        """Lock the SM clock at `clock_mhz` from `now_s + delay` on."""
+        if clock_mhz not in self._supported:
+            raise UnsupportedClockError(
+                f"{clock_mhz} MHz is not a supported SM clock of {self.spec.name} "
+                f"({self.spec.min_clock_mhz}..{self.spec.max_clock_mhz} MHz in 15 MHz steps)"
+            )
+        self._request(clock_mhz, now_s)
+
+    def reset_sm_clock(self, now_s: float) -> None:
+        """Return to stock behaviour (boost when busy, idle down when not)."""
+        self._request(None, now_s)
+
+    def _request(self, locked_mhz: int | None, now_s: float) -> None:
+        self._settle(now_s)
+        target = self._pending.locked_mhz if self._pending else self._locked_mhz
+        if target == locked_mhz:
+            return
+        self._pending = _PendingChange(now_s + self.clock_change_delay_s, locked_mhz)
+
+    def _settle(self, now_s: float) -> None:
+        if self._pending is not None and self._pending.effective_s <= now_s:
+            if self._pending.locked_mhz != self._locked_mhz:
+                self.clock_changes += 1
+            self._locked_mhz = self._pending.locked_mhz
+            self._pending = None
+
+    def locked_clock_mhz(self, now_s: float) -> int | None:
+        """The lock in force at `now_s` (None: stock)."""
+        self._settle(now_s)
+        return self._locked_mhz
+
+    def busy_clock_mhz(self, now_s: float) -> int:
+        """The SM clock work starting at `now_s` runs at."""
+        locked = self.locked_clock_mhz(now_s)
+        return self.spec.max_clock_mhz if locked is None else locked
+
+    def run_busy(self, clock_mhz: int, duration_s: float, cost: IterationCost) -> float:
+        """Account an iteration of `duration_s` at `clock_mhz`; returns its mean power (W)."""
+        power_w = self.power.busy_w(clock_mhz, cost)
+        self.energy_j += power_w * duration_s
+        return power_w
+
+    def run_idle(self, start_s: float, end_s: float) -> float:
+        """Account an idle gap; a pending clock change inside it applies from its effective time."""
+        if end_s < start_s:
+            raise ValueError("time must not move backwards")
+        pending = self._pending
+        if pending is not None and start_s < pending.effective_s < end_s:
+            self.run_idle(start_s, pending.effective_s)
+            start_s = pending.effective_s
+        power_w = self.power.idle_w(self.locked_clock_mhz(start_s))
+        self.energy_j += power_w * (end_s - start_s)
+        return power_w

@@ -1,0 +1,181 @@
+"""Iteration time of one engine step on one GPU, as a function of batch, context and SM clock.
+
+One iteration runs every layer once over all its tokens (prefill chunks plus one token per
+decoding sequence), then the LM head over the sequences that emit a token::
+
+    t = layers * (GEMMs + elementwise + decode attention + prefill attention + 2 all-reduces)
+        + LM head + per-iteration overhead
+
+At max clock each term comes from the Vidur profiles (`profiles.py`). The clock acts on the
+compute-bound part only: a GEMM is ``sqrt(mem^2 + (S(f) * comp)^2)`` (weights stream from HBM at
+a fixed memory clock; the arithmetic slows like Perseus' S(f)), prefill attention and small
+kernels slow by S(f), decode attention (a KV-cache read) does not, and the per-iteration
+overhead has a host part (fixed) and a device part (slows by S(f)).
+
+GPUs other than the profiled ones scale the memory-bound parts by the HBM bandwidth ratio and
+the compute-bound parts by the bf16 peak ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.domain import BF16_BYTES, GpuSpec, ModelSpec
+from agent.twin import profiles
+from agent.twin.frequency import frequency_response
+
+# Profiled GPU family and the bandwidth / bf16 peak of the exact part Vidur measured.
+PROFILED = {"a100": (2.039e12, 312e12), "h100": (3.35e12, 989e12)}
+ATTENTION_PROFILE_GPU = "a100"  # the only attention table
+
+# Share of each term's time that is compute-bound, for the power model.
+ELEMENTWISE_COMPUTE_SHARE = 0.5
+ALL_REDUCE_COMPUTE_SHARE = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Overhead:
+    """Per-iteration cost outside the model's kernels (scheduler, launches, sampling)."""
+
+    host_ms: float = 0.20  # CPU-side scheduling and launch; clock-independent, GPU idles
+    device_ms: float = 0.10  # launch gaps and tiny kernels on the GPU; slows with S(f)
+
+
+@dataclass(frozen=True, slots=True)
+class IterationCost:
+    """Time of one iteration and how hard it worked the GPU."""
+
+    time_s: float
+    busy_fraction: float  # share of the time the GPU runs kernels (not waiting on the host)
+    compute_share: float  # of the busy time, the share that is compute-bound (0 = pure streaming)
+
+
+def profile_family(gpu: GpuSpec) -> str:
+    """Which profiled GPU family `gpu` is derived from."""
+    family = gpu.name.split("-")[0]
+    if family not in PROFILED:
+        raise ValueError(f"no latency profile for GPU family {family!r} ({gpu.name})")
+    return family
+
+
+class LatencyModel:
+    """Iteration time of `model` at TP `tp` on `gpu`, for any batch composition and clock."""
+
+    def __init__(
+        self,
+        gpu: GpuSpec,
+        model: ModelSpec,
+        tp: int,
+        max_num_tokens: int,
+        overhead: Overhead | None = None,
+    ) -> None:
+        family = profile_family(gpu)
+        profiled_bw, profiled_flops = PROFILED[family]
+        attn_bw, attn_flops = PROFILED[ATTENTION_PROFILE_GPU]
+        self.gpu, self.model, self.tp = gpu, model, tp
+        self.max_num_tokens = max_num_tokens
+        self.overhead = overhead or Overhead()
+        self._response = frequency_response(gpu.max_clock_mhz, gpu.min_clock_mhz)
+        self._slowdown_cache: dict[int, float] = {}
+
+        cost = profiles.linear_cost(family, model, tp, max_num_tokens)
+        bandwidth_scale = profiled_bw / gpu.hbm_bandwidth_bytes_s
+        self._mem_ms = (cost.memory_ms * bandwidth_scale).tolist()
+        compute_scale = profiled_flops / gpu.peak_bf16_flops
+        self._comp_ms = [c * compute_scale for c in cost.compute_ms.tolist()]
+        self._elem_ms = cost.elementwise_ms.tolist()
+
+        fit = profiles.attention_fit()
+        self._attn = fit
+        self._decode_launch_ms = fit.decode_launch_ms
+        kv_bytes_per_token_layer = model.kv_bytes_per_token(tp) / model.layers
+        self._decode_ms_per_token = (
+            kv_bytes_per_token_layer / fit.decode_bytes_per_ms * attn_bw / gpu.hbm_bandwidth_bytes_s
+        )
+        g = profiles.ATTENTION_GEOMETRY
+        heads_per_gpu = max(1, model.heads // tp)
+        self._prefill_head_scale = (
+            heads_per_gpu * model.head_dim / (g["q_heads_per_gpu"] * g["head_dim"])
+        ) * (attn_flops / gpu.peak_bf16_flops)
+
+        lm_bytes = BF16_BYTES * model.vocab * model.hidden / tp
+        self._lm_mem_ms = lm_bytes / cost.bytes_per_ms * bandwidth_scale
+        self._lm_comp_ms_per_seq = (
+            2.0 * model.vocab * model.hidden / tp / cost.flops_per_ms * compute_scale
+        )
+        self._all_reduce_ms: list[float] = (
+            [0.0] * (max_num_tokens + 1)
+            if tp == 1
+            else [
+                profiles.all_reduce_ms(family, tp, m * model.hidden * BF16_BYTES)
+                for m in range(max_num_tokens + 1)
+            ]
+        )
+
+    def slowdown(self, clock_mhz: int) -> float:
+        """Compute-bound time multiplier at `clock_mhz` (1.0 at max clock)."""
+        s = self._slowdown_cache.get(clock_mhz)
+        if s is None:
+            s = self._slowdown_cache[clock_mhz] = self._response.slowdown_at(clock_mhz)
+        return s
+
+    def iteration(
+        self,
+        clock_mhz: int,
+        decode_seqs: int,
+        decode_context_tokens: int,
+        prefill_chunks: Sequence[tuple[int, int]] = (),
+    ) -> IterationCost:
+        """Cost of one step.
+
+        `decode_seqs` sequences each add one token and read `decode_context_tokens` cached
+        tokens in total; each prefill chunk is (new tokens, tokens already cached).
+        """
+        prefill_tokens = sum(chunk for chunk, _ in prefill_chunks)
+        tokens = decode_seqs + prefill_tokens
+        if tokens == 0:
+            raise ValueError("an iteration needs at least one token")
+        if tokens > self.max_num_tokens:
+            raise ValueError(f"{tokens} tokens exceed max_num_tokens={self.max_num_tokens}")
+        s = self.slowdown(clock_mhz)
+
+        gemm_comp = s * self._comp_ms[tokens]
+        gemm = math.hypot(self._mem_ms[tokens], gemm_comp)
+        elem = s * self._elem_ms[tokens]
+        decode_attn = (
+            s * self._decode_launch_ms + self._decode_ms_per_token * decode_context_tokens
+            if decode_seqs
+            else 0.0
+        )
+        prefill_attn = s * sum(
+            profiles.attention_prefill_ms(self._attn, chunk, past, self._prefill_head_scale)
+            for chunk, past in prefill_chunks
+        )
+        all_reduce = 2.0 * self._all_reduce_ms[tokens]
+        layer = gemm + elem + decode_attn + prefill_attn + all_reduce
+
+        logits = decode_seqs + len(prefill_chunks)
+        lm_comp = s * self._lm_comp_ms_per_seq * logits
+        lm_head = math.hypot(self._lm_mem_ms, lm_comp)
+        device_overhead = s * self.overhead.device_ms
+
+        busy_ms = self.model.layers * layer + lm_head + device_overhead
+        compute_ms = (
+            self.model.layers
+            * (
+                gemm * (gemm_comp / gemm) ** 2
+                + ELEMENTWISE_COMPUTE_SHARE * elem
+                + prefill_attn
+                + ALL_REDUCE_COMPUTE_SHARE * all_reduce
+            )
+            + lm_head * (lm_comp / lm_head) ** 2
+            + device_overhead
+        )
+        total_ms = busy_ms + self.overhead.host_ms
+        return IterationCost(
+            time_s=total_ms / 1000.0,
+            busy_fraction=busy_ms / total_ms,
+            compute_share=compute_ms / busy_ms,
+        )
