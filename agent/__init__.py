@@ -1,0 +1,1 @@
+"""throttllem: SLO-aware GPU SM-clock control for LLM inference serving."""

@@ -1,0 +1,1 @@
+"""The emulated world: GPU, engine, latency and power models, virtual-time simulator."""

@@ -56,12 +56,8 @@ def perseus_curve() -> PerseusCurve:
     """The averaged A100 compute-bound curve, exactly as measured (no extrapolation)."""
     curves = _read_stage_profiles()
     clocks = sorted(set.intersection(*(set(c) for c in curves.values())))
-    time_rel = np.mean(
-        [[c[f][0] / c[PERSEUS_MAX_MHZ][0] for f in clocks] for c in curves.values()], axis=0
-    )
-    power_rel = np.mean(
-        [[c[f][1] / c[PERSEUS_MAX_MHZ][1] for f in clocks] for c in curves.values()], axis=0
-    )
+    time_rel = np.mean([[c[f][0] / c[PERSEUS_MAX_MHZ][0] for f in clocks] for c in curves.values()], axis=0)
+    power_rel = np.mean([[c[f][1] / c[PERSEUS_MAX_MHZ][1] for f in clocks] for c in curves.values()], axis=0)
     return PerseusCurve(np.array(clocks, dtype=float), time_rel, power_rel)
 
 

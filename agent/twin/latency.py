@@ -102,9 +102,7 @@ class LatencyModel:
 
         lm_bytes = BF16_BYTES * model.vocab * model.hidden / tp
         self._lm_mem_ms = lm_bytes / cost.bytes_per_ms * bandwidth_scale
-        self._lm_comp_ms_per_seq = (
-            2.0 * model.vocab * model.hidden / tp / cost.flops_per_ms * compute_scale
-        )
+        self._lm_comp_ms_per_seq = 2.0 * model.vocab * model.hidden / tp / cost.flops_per_ms * compute_scale
         self._all_reduce_ms: list[float] = (
             [0.0] * (max_num_tokens + 1)
             if tp == 1

@@ -196,7 +196,12 @@ def attention_decode_ms(fit: AttentionFit, kv_bytes: float) -> float:
 
 def attention_prefill_ms(fit: AttentionFit, chunk: int, past: int, head_scale: float) -> float:
     """Prefill attention of one layer for a chunk of `chunk` tokens after `past` cached tokens."""
-    work = fit.prefill_coeff * 1e-6 * chunk**fit.prefill_chunk_exp * (past + chunk / 2) ** fit.prefill_context_exp
+    work = (
+        fit.prefill_coeff
+        * 1e-6
+        * chunk**fit.prefill_chunk_exp
+        * (past + chunk / 2) ** fit.prefill_context_exp
+    )
     return fit.prefill_launch_ms + work * head_scale
 
 

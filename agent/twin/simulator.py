@@ -1,0 +1,177 @@
+"""Virtual-time replay: a workload through the twin engine on the twin GPU under a clock policy.
+
+The loop is a discrete-event simulation whose only events are request arrivals and iteration
+ends; time jumps from one to the next, so an hour of traffic takes seconds. The same
+`Policy.decide` the live sidecar calls is called before every iteration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from agent.control.policies import ControlView, Policy
+from agent.domain import EngineStats, GpuSpec, ModelSpec, Request
+from agent.twin.engine import Batch, Engine, RequestRejectedError
+from agent.twin.gpu import DEFAULT_CLOCK_CHANGE_DELAY_S, TwinGpu
+from agent.twin.latency import LatencyModel
+from agent.twin.memory import EngineConfig, kv_cache_blocks
+from agent.twin.results import SimulationResult
+
+NOISE_BLOCK = 4096  # jitter samples drawn at once
+
+
+@dataclass(frozen=True, slots=True)
+class TwinSetup:
+    """One engine on one GPU: everything the twin needs besides the workload and the policy."""
+
+    gpu: GpuSpec
+    model: ModelSpec
+    tp: int = 1
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    clock_change_delay_s: float = DEFAULT_CLOCK_CHANGE_DELAY_S
+    noise: float = 0.0  # sigma of log-normal jitter on each iteration's time (0 = exact)
+    seed: int = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        """Prompt + output limit of the engine."""
+        return self.engine.max_seq_len or self.model.max_context_tokens
+
+    def kv_blocks(self) -> int:
+        """KV-cache capacity (raises ModelDoesNotFitError when nothing fits)."""
+        return kv_cache_blocks(self.gpu, self.model, self.tp, self.engine)
+
+    def latency_model(self) -> LatencyModel:
+        """The iteration-time model of this setup."""
+        return LatencyModel(self.gpu, self.model, self.tp, self.engine.max_num_tokens)
+
+
+def fit_to_engine(requests: Sequence[Request], setup: TwinSetup) -> tuple[list[Request], int]:
+    """Truncate prompts the way a client does to fit the model's window; returns (requests, count)."""
+    max_prompt = setup.max_seq_len
+    if not setup.engine.chunked_context:
+        max_prompt = min(max_prompt, setup.engine.max_num_tokens)
+    fitted: list[Request] = []
+    truncated = 0
+    for req in requests:
+        max_tokens = min(req.max_tokens, setup.max_seq_len - 1)
+        prompt = min(req.prompt_tokens, max_prompt, setup.max_seq_len - max_tokens)
+        if (prompt, max_tokens) != (req.prompt_tokens, req.max_tokens):
+            truncated += 1
+            output = None if req.output_tokens is None else min(req.output_tokens, max_tokens)
+            req = replace(req, prompt_tokens=prompt, max_tokens=max_tokens, output_tokens=output)
+        fitted.append(req)
+    return fitted, truncated
+
+
+class Simulation:
+    """One run; create, then `run()` once."""
+
+    def __init__(self, setup: TwinSetup, policy: Policy, requests: Sequence[Request]) -> None:
+        self.setup = setup
+        self.policy = policy
+        self.requests, self.truncated = fit_to_engine(sorted(requests, key=lambda r: r.arrival_s), setup)
+        self.gpu = TwinGpu(setup.gpu, setup.clock_change_delay_s)
+        self.engine = Engine(setup.engine, setup.kv_blocks(), setup.max_seq_len)
+        self.latency = setup.latency_model()
+        self._rng = np.random.default_rng(setup.seed)
+        self._jitter: list[float] = []
+        self.now_s = 0.0
+        self._last_stats: EngineStats | None = None
+
+    def _next_jitter(self) -> float:
+        if self.setup.noise <= 0:
+            return 1.0
+        if not self._jitter:
+            sigma = self.setup.noise
+            self._jitter = np.exp(sigma * self._rng.standard_normal(NOISE_BLOCK) - sigma**2 / 2).tolist()
+        return self._jitter.pop()
+
+    def _apply_policy(self) -> None:
+        view = ControlView(now_s=self.now_s, gpu=self.setup.gpu, stats=self._last_stats)
+        clock = self.policy.decide(view).sm_clock_mhz
+        if clock is None:
+            self.gpu.reset_sm_clock(self.now_s)
+        else:
+            self.gpu.lock_sm_clock_mhz(clock, self.now_s)
+
+    def _stats(self, batch: Batch, end_s: float, duration_s: float) -> EngineStats:
+        engine = self.engine
+        return EngineStats(
+            timestamp_s=end_s,
+            iteration=batch.iteration,
+            active_requests=engine.active_requests + len(engine.waiting),
+            queued_requests=len(engine.waiting),
+            scheduled_requests=batch.decode_seqs + len(batch.context),
+            context_requests=len(batch.context),
+            generation_requests=batch.decode_seqs,
+            paused_requests=engine.paused_requests,
+            context_tokens=batch.tokens - batch.decode_seqs,
+            kv_blocks_used=engine.used_blocks,
+            kv_blocks_max=engine.kv_blocks,
+            tokens_per_block=engine.config.tokens_per_block,
+            iteration_latency_s=duration_s,
+        )
+
+    def run(self, progress: Callable[[float], None] | None = None) -> SimulationResult:
+        """Replay every request to completion and return what happened."""
+        wall_start = time.perf_counter()
+        result = SimulationResult(
+            policy=self.policy.name, requests=len(self.requests), truncated=self.truncated
+        )
+        arrivals = [r.arrival_s for r in self.requests]
+        horizon = arrivals[-1] if arrivals else 0.0
+        next_req = 0
+        n = len(self.requests)
+        self._apply_policy()
+        while next_req < n or self.engine.has_work():
+            while next_req < n and arrivals[next_req] <= self.now_s:
+                try:
+                    self.engine.submit(self.requests[next_req])
+                except RequestRejectedError:
+                    result.rejected += 1
+                next_req += 1
+            batch = self.engine.schedule() if self.engine.has_work() else None
+            if batch is None or batch.tokens == 0:
+                if next_req >= n:
+                    raise RuntimeError("engine stalled with queued work and no arrivals left")
+                self.gpu.run_idle(self.now_s, arrivals[next_req])
+                self.now_s = arrivals[next_req]
+                self._apply_policy()
+                continue
+            clock = self.gpu.busy_clock_mhz(self.now_s)
+            cost = self.latency.iteration(
+                clock, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks
+            )
+            duration = cost.time_s * self._next_jitter()
+            power = self.gpu.run_busy(clock, duration, cost)
+            end = self.now_s + duration
+            outcome = self.engine.complete(batch, self.now_s, end)
+            result.record_iteration(outcome, clock, power)
+            self._last_stats = self._stats(batch, end, duration)
+            self.now_s = end
+            self._apply_policy()
+            if progress is not None and batch.iteration % 2048 == 0:
+                progress(min(self.now_s / horizon, 1.0) if horizon else 1.0)
+        result.finish(
+            sim_seconds=self.now_s,
+            energy_j=self.gpu.energy_j,
+            clock_changes=self.gpu.clock_changes,
+            preemptions=self.engine.preemptions,
+            wall_seconds=time.perf_counter() - wall_start,
+        )
+        return result
+
+
+def simulate(
+    setup: TwinSetup,
+    policy: Policy,
+    requests: Sequence[Request],
+    progress: Callable[[float], None] | None = None,
+) -> SimulationResult:
+    """Run `requests` through the twin under `policy`."""
+    return Simulation(setup, policy, requests).run(progress)
