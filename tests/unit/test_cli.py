@@ -1,0 +1,126 @@
+"""The command line as a user meets it: real process for the console script, main() for the rest."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agent.cli import main
+
+SIM_KEYS = {
+    "requests",
+    "completed",
+    "energy_j",
+    "tokens_out",
+    "tokens_per_joule",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tbt_p50_ms",
+    "tbt_p99_ms",
+    "e2e_p50_s",
+    "e2e_p99_s",
+    "mean_clock_mhz",
+    "sim_seconds",
+    "wall_seconds",
+}
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_simulate_json_has_the_contract_keys(capsys):
+    out = run_json(capsys, "simulate", "--trace", "azure-conv", "--duration", "60", "--json")
+    assert out.keys() >= SIM_KEYS
+    assert out["requests"] == out["completed"] > 0
+    assert out["mean_clock_mhz"] == pytest.approx(1410)
+
+
+def test_static_clock_and_rate_scale(capsys):
+    base = run_json(capsys, "simulate", "--duration", "60", "--policy", "static:1050", "--json")
+    fast = run_json(
+        capsys, "simulate", "--duration", "60", "--rate-scale", "2", "--policy", "static:1050", "--json"
+    )
+    assert base["mean_clock_mhz"] == pytest.approx(1050, rel=1e-3)  # the lock lands after 5 ms
+    assert fast["requests"] == base["requests"]
+    assert fast["sim_seconds"] < base["sim_seconds"]
+
+
+def test_load_scales_to_a_fraction_of_peak(capsys):
+    low = run_json(
+        capsys, "simulate", "--trace", "azure-code", "--duration", "300", "--load", "0.3", "--json"
+    )
+    high = run_json(
+        capsys, "simulate", "--trace", "azure-code", "--duration", "300", "--load", "0.9", "--json"
+    )
+    assert high["busy_fraction"] > low["busy_fraction"]
+
+
+def test_probe_decode_and_prefill(capsys):
+    args = ("twin", "probe", "--gpu", "a100-sxm4-80gb", "--model", "llama3-8b", "--tp", "1")
+    decode = run_json(
+        capsys, *args, "--phase", "decode", "--batch", "32", "--context", "1024", "--clock", "1050", "--json"
+    )
+    prefill = run_json(capsys, *args, "--phase", "prefill", "--tokens", "2048", "--json")
+    assert decode.keys() >= {"iteration_ms", "power_w"}
+    assert decode["clock_mhz"] == 1050 and prefill["clock_mhz"] == 1410
+    assert prefill["power_w"] > decode["power_w"]
+
+
+def test_lists(capsys):
+    gpus = run_json(capsys, "twin", "gpus", "--json")
+    models = run_json(capsys, "twin", "models", "--json")
+    assert {g["name"] for g in gpus} == {"a100-sxm4-80gb", "a100-sxm4-40gb", "h100-sxm5-80gb"}
+    assert {m["name"] for m in models} == {"llama3-8b", "llama2-13b", "llama2-70b", "llama3-70b"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["simulate", "--policy", "static:1051"], "not a supported clock"),
+        (["simulate", "--trace", "/nonexistent.csv"], "nonexistent.csv"),
+        (["simulate", "--model", "llama2-70b", "--gpu", "a100-sxm4-40gb", "--tp", "1"], "does not fit"),
+        (["simulate", "--load", "0.5", "--rate-scale", "2"], "pass one"),
+    ],
+)
+def test_errors_are_one_readable_line(capsys, argv, message):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("throttllem: error:") and message in err
+    assert "\n" not in err
+
+
+def test_invalid_env_var_names_the_variable(monkeypatch, capsys):
+    monkeypatch.setenv("THROTTLLEM_TP", "three")
+    assert main(["twin", "gpus"]) == 1
+    assert "THROTTLLEM_TP" in capsys.readouterr().err
+    monkeypatch.setenv("THROTTLLEM_TP", "1")
+    monkeypatch.setenv("THROTTLLEM_GPU", "v100")
+    assert main(["twin", "gpus"]) == 1
+    err = capsys.readouterr().err
+    assert "THROTTLLEM_GPU='v100'" in err and "a100-sxm4-80gb" in err
+
+
+def test_env_sets_defaults(monkeypatch, capsys):
+    monkeypatch.setenv("THROTTLLEM_POLICY", "static:1200")
+    out = run_json(capsys, "simulate", "--duration", "30", "--json")
+    assert out["policy"] == "static:1200"
+
+
+def test_console_script_help_and_demo_json():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "simulate", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "--policy" in help_text and "--load" in help_text
+    demo = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "demo", "--duration", "120", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    runs = json.loads(demo.stdout)["runs"]
+    assert runs[0]["policy"] == "max"
+    assert runs[0]["energy_saved_vs_max"] == 0.0
+    assert all(r["energy_j"] < runs[0]["energy_j"] for r in runs[1:])
