@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -19,14 +19,22 @@ from agent.config import load_settings
 from agent.control.policies import parse_policy
 from agent.domain import Request
 from agent.twin.capacity import rate_scale_for_load
+from agent.twin.iteration_stats import IterationStats, to_executor_json, to_triton_stats_json
 from agent.twin.memory import EngineConfig, SchedulerPolicy, kv_cache_blocks
 from agent.twin.power import PowerModel
 from agent.twin.simulator import TwinSetup, simulate
 from agent.workloads import Workload, load_trace
 
 DEFAULT_ENGINE = EngineConfig()
+ITERATION_STATS_FORMATS = {"executor": to_executor_json, "triton": to_triton_stats_json}
 DEMO_POLICIES = ("max", "static:1305", "static:1200", "static:1050", "static:900")
 stderr = Console(stderr=True)
+MIN_TABLE_WIDTH = 110  # rich assumes 80 columns when stdout is not a terminal; tables need more
+
+
+def _stdout() -> Console:
+    console = Console()
+    return console if console.width >= MIN_TABLE_WIDTH else Console(width=MIN_TABLE_WIDTH)
 
 
 class CliError(Exception):
@@ -151,8 +159,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     setup = _setup(args)
     policy = parse_policy(args.policy, setup.gpu)
     requests: Sequence[Request] = _workload(args, setup).requests(max_tokens=args.max_tokens)
-    with progress_bar(f"simulate {policy.name}", not args.json) as progress:
-        summary = simulate(setup, policy, requests, progress).summary()
+    with ExitStack() as stack:
+        observer: Callable[[IterationStats], None] | None = None
+        if args.iteration_stats is not None:
+            sink = stack.enter_context(open(args.iteration_stats, "w", encoding="utf-8"))
+            render = ITERATION_STATS_FORMATS[args.iteration_stats_format]
+
+            def observer(stats: IterationStats) -> None:
+                sink.write(render(stats) + "\n")
+
+        progress = stack.enter_context(progress_bar(f"simulate {policy.name}", not args.json))
+        summary = simulate(setup, policy, requests, progress, observer).summary()
     summary.update(gpu=setup.gpu.name, model=setup.model.name, tp=setup.tp, trace=args.trace)
     if args.json:
         _print_json(summary)
@@ -162,7 +179,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         table.add_column("value", justify="right")
         for key, value in summary.items():
             table.add_row(key, _fmt(value))
-        Console().print(table)
+        _stdout().print(table)
     return 0
 
 
@@ -182,30 +199,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _print_json({"gpu": setup.gpu.name, "model": setup.model.name, "tp": setup.tp, "runs": rows})
         return 0
     table = Table(title=f"{len(requests)} requests of {args.trace} on {setup.gpu.name} / {setup.model.name}")
-    for col in (
-        "policy",
-        "energy kJ",
-        "saved",
-        "tokens/J",
-        "TBT p99 ms",
-        "TPOT p99 ms",
-        "E2E p99 s",
-        "clock MHz",
-    ):
-        table.add_column(col, justify="right")
+    table.add_column("policy", no_wrap=True)
+    for col in ("energy kJ", "saved", "tok/J", "TBT p99 ms", "TPOT p99 ms", "E2E p99 s", "MHz"):
+        table.add_column(col, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(
             row["policy"],
             f"{row['energy_j'] / 1000:,.1f}",
             f"{row['energy_saved_vs_max']:.1%}",
-            _fmt(row["tokens_per_joule"]),
-            _fmt(row["tbt_p99_ms"]),
-            _fmt(row["tpot_p99_ms"]),
-            _fmt(row["e2e_p99_s"]),
-            _fmt(row["mean_clock_mhz"]),
+            f"{row['tokens_per_joule']:.2f}",
+            f"{row['tbt_p99_ms']:.0f}",
+            f"{row['tpot_p99_ms']:.0f}",
+            f"{row['e2e_p99_s']:.1f}",
+            f"{row['mean_clock_mhz']:.0f}",
         )
-    Console().print(table)
-    Console().print(
+    _stdout().print(table)
+    _stdout().print(
         "Fixed low clocks save energy but stretch latency under load; the predictive throttllem "
         "policy, which picks the clock per iteration to keep SLOs, is the next milestone."
     )
@@ -234,7 +243,7 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
         _print_json(figures)
     else:
         for key, value in figures.items():
-            Console().print(f"{key:>22}: {_fmt(value)}")
+            _stdout().print(f"{key:>22}: {_fmt(value)}")
     return 0
 
 
@@ -258,7 +267,7 @@ def cmd_twin_gpus(args: argparse.Namespace) -> int:
             f"{g.tdp_w:.0f}",
             f"{g.idle_w:.0f}",
         )
-    Console().print(table)
+    _stdout().print(table)
     return 0
 
 
@@ -295,7 +304,7 @@ def cmd_twin_models(args: argparse.Namespace) -> int:
             f"{m.kv_bytes_per_token(1) / 1024:.0f}",
             f"{m.weight_bytes_per_gpu(1) / 2**30:.1f}",
         )
-    Console().print(table)
+    _stdout().print(table)
     return 0
 
 
@@ -328,7 +337,7 @@ def cmd_twin_probe(args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         for key, value in result.items():
-            Console().print(f"{key:>14}: {_fmt(value)}")
+            _stdout().print(f"{key:>14}: {_fmt(value)}")
     return 0
 
 
@@ -344,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setup_args(sim)
     _add_workload_args(sim)
     sim.add_argument("--policy", default=settings.policy, help="max | static:<MHz> (default %(default)s)")
+    sim.add_argument(
+        "--iteration-stats", metavar="FILE", help="write one TRT-LLM iteration-stats record per line"
+    )
+    sim.add_argument(
+        "--iteration-stats-format",
+        choices=sorted(ITERATION_STATS_FORMATS),
+        default="executor",
+        help="executor: trtllm-serve /metrics JSON; triton: the Triton backend's flat JSON "
+        "(default %(default)s)",
+    )
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.set_defaults(func=cmd_simulate)
 

@@ -15,13 +15,16 @@ import numpy as np
 
 from agent.control.policies import ControlView, Policy
 from agent.domain import EngineStats, GpuSpec, ModelSpec, Request
-from agent.twin.engine import Batch, Engine, RequestRejectedError
+from agent.twin.engine import Batch, Engine, IterationOutcome, RequestRejectedError
 from agent.twin.gpu import DEFAULT_CLOCK_CHANGE_DELAY_S, TwinGpu
+from agent.twin.iteration_stats import InflightBatchingStats, IterationStats, KvCacheStats
 from agent.twin.latency import LatencyModel
-from agent.twin.memory import EngineConfig, kv_cache_blocks
+from agent.twin.memory import RUNTIME_RESERVED_BYTES, EngineConfig, activation_bytes, kv_cache_blocks
 from agent.twin.results import SimulationResult
 
 NOISE_BLOCK = 4096  # jitter samples drawn at once
+DEFAULT_EPOCH_S = 1_700_158_546.68059  # virtual time 0 on the wall clock: the conv trace's first request
+IterationObserver = Callable[[IterationStats], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +74,17 @@ def fit_to_engine(requests: Sequence[Request], setup: TwinSetup) -> tuple[list[R
 class Simulation:
     """One run; create, then `run()` once."""
 
-    def __init__(self, setup: TwinSetup, policy: Policy, requests: Sequence[Request]) -> None:
+    def __init__(
+        self,
+        setup: TwinSetup,
+        policy: Policy,
+        requests: Sequence[Request],
+        on_iteration: IterationObserver | None = None,
+        epoch_s: float = DEFAULT_EPOCH_S,
+    ) -> None:
         self.setup = setup
+        self.on_iteration = on_iteration  # receives TRT-LLM iteration stats; built only when set
+        self.epoch_s = epoch_s
         self.policy = policy
         self.requests, self.truncated = fit_to_engine(sorted(requests, key=lambda r: r.arrival_s), setup)
         self.gpu = TwinGpu(setup.gpu, setup.clock_change_delay_s)
@@ -101,11 +113,15 @@ class Simulation:
 
     def _stats(self, batch: Batch, end_s: float, duration_s: float) -> EngineStats:
         engine = self.engine
+        # As TRT-LLM's executor: requests are fetched from its queue into the active set up to
+        # max_num_active_requests (= max_batch_size); active but unscheduled ones wait for KV.
+        in_engine = engine.active_requests + len(engine.waiting)
+        active = min(in_engine, engine.config.max_batch_size)
         return EngineStats(
             timestamp_s=end_s,
             iteration=batch.iteration,
-            active_requests=engine.active_requests + len(engine.waiting),
-            queued_requests=len(engine.waiting),
+            active_requests=active,
+            queued_requests=in_engine - active,
             scheduled_requests=batch.decode_seqs + len(batch.context),
             context_requests=len(batch.context),
             generation_requests=batch.decode_seqs,
@@ -115,6 +131,51 @@ class Simulation:
             kv_blocks_max=engine.kv_blocks,
             tokens_per_block=engine.config.tokens_per_block,
             iteration_latency_s=duration_s,
+        )
+
+    def _iteration_stats(self, batch: Batch, outcome: IterationOutcome, stats: EngineStats) -> IterationStats:
+        """The record TRT-LLM's executor would log for this iteration.
+
+        The twin keeps no host buffers and no prefix cache: CPU/pinned memory and reused blocks
+        are 0; block allocation counters are not modelled (None, as older releases omit them).
+        """
+        started = [
+            seq for seq, (_, past) in zip(batch.context, batch.prefill_chunks, strict=True) if past == 0
+        ]
+        queue_ms = sum(outcome.start_s - seq.request.arrival_s for seq in started) * 1000.0
+        setup = self.setup
+        return IterationStats(
+            timestamp=self.epoch_s + outcome.end_s,
+            iter=batch.iteration,
+            iter_latency_ms=(outcome.end_s - outcome.start_s) * 1000.0,
+            new_active_requests_queue_latency_ms=queue_ms,
+            num_new_active_requests=len(started),
+            num_active_requests=stats.active_requests,
+            num_queued_requests=stats.queued_requests,
+            num_completed_requests=len(outcome.finished),
+            max_num_active_requests=setup.engine.max_batch_size,
+            gpu_mem_usage=activation_bytes(setup.model, setup.tp, setup.engine) + RUNTIME_RESERVED_BYTES,
+            cpu_mem_usage=0,
+            pinned_mem_usage=0,
+            kv_cache_stats=KvCacheStats(
+                max_num_blocks=stats.kv_blocks_max,
+                free_num_blocks=stats.kv_blocks_max - stats.kv_blocks_used,
+                used_num_blocks=stats.kv_blocks_used,
+                tokens_per_block=stats.tokens_per_block,
+                alloc_total_blocks=None,
+                alloc_new_blocks=None,
+                reused_blocks=0,
+                missed_blocks=None,
+            ),
+            inflight_batching_stats=InflightBatchingStats(
+                num_scheduled_requests=stats.scheduled_requests,
+                num_context_requests=stats.context_requests,
+                num_gen_requests=stats.generation_requests,
+                num_paused_requests=stats.paused_requests,
+                num_ctx_tokens=stats.context_tokens,
+                micro_batch_id=0,
+                avg_num_decoded_tokens_per_iter=1.0,
+            ),
         )
 
     def run(self, progress: Callable[[float], None] | None = None) -> SimulationResult:
@@ -153,6 +214,8 @@ class Simulation:
             outcome = self.engine.complete(batch, self.now_s, end)
             result.record_iteration(outcome, clock, power)
             self._last_stats = self._stats(batch, end, duration)
+            if self.on_iteration is not None:
+                self.on_iteration(self._iteration_stats(batch, outcome, self._last_stats))
             self.now_s = end
             self._apply_policy()
             if progress is not None and batch.iteration % 2048 == 0:
@@ -172,6 +235,7 @@ def simulate(
     policy: Policy,
     requests: Sequence[Request],
     progress: Callable[[float], None] | None = None,
+    on_iteration: IterationObserver | None = None,
 ) -> SimulationResult:
     """Run `requests` through the twin under `policy`."""
-    return Simulation(setup, policy, requests).run(progress)
+    return Simulation(setup, policy, requests, on_iteration).run(progress)

@@ -6,6 +6,7 @@ import pytest
 from agent.catalog import gpu_spec, model_spec
 from agent.control.policies import MaxPolicy, StaticPolicy, parse_policy
 from agent.domain import Request
+from agent.twin.iteration_stats import parse_executor_json, to_executor_json
 from agent.twin.memory import EngineConfig
 from agent.twin.simulator import TwinSetup, fit_to_engine, simulate
 
@@ -98,3 +99,28 @@ def test_policy_specs():
         parse_policy("static:1051", gpu)
     with pytest.raises(ValueError, match="known: max"):
         parse_policy("fastest", gpu)
+
+
+def test_emits_trtllm_iteration_stats_that_parse_back():
+    records = []
+    requests = poisson_requests(3.0, 20)
+    result = simulate(
+        SETUP, MaxPolicy(), requests, on_iteration=lambda s: records.append(to_executor_json(s))
+    )
+    parsed = [parse_executor_json(line)[0] for line in records]
+    assert [p.iter for p in parsed] == list(range(len(result.iteration_s)))
+    assert sum(p.num_completed_requests for p in parsed) == len(requests)
+    assert all(0 <= p.kv_cache_stats.used_num_blocks <= p.kv_cache_stats.max_num_blocks for p in parsed)
+    assert all(p.inflight_batching_stats.num_scheduled_requests >= 1 for p in parsed)
+    latencies = np.array([p.iter_latency_ms for p in parsed]) / 1000.0
+    assert np.allclose(latencies, result.iteration_s)
+    assert sum(p.num_new_active_requests for p in parsed) == len(requests)
+
+
+def test_cli_writes_iteration_stats_lines(tmp_path):
+    from agent.cli import main
+
+    out = tmp_path / "stats.jsonl"
+    assert main(["simulate", "--duration", "15", "--iteration-stats", str(out), "--json"]) == 0
+    lines = out.read_text().splitlines()
+    assert lines and all(parse_executor_json(line)[0].iter == i for i, line in enumerate(lines))
