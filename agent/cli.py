@@ -23,9 +23,11 @@ from agent.twin.iteration_stats import IterationStats, to_executor_json, to_trit
 from agent.twin.memory import EngineConfig, SchedulerPolicy, kv_cache_blocks
 from agent.twin.power import PowerModel
 from agent.twin.simulator import TwinSetup, simulate
-from agent.workloads import Workload, load_trace
+from agent.workloads import Workload, load_trace, synthetic_from_spec
+from agent.workloads.synthetic import SYNTHETIC_SPEC_HELP
 
 DEFAULT_ENGINE = EngineConfig()
+SYNTHETIC_DEFAULT_S = 600.0  # length of a synthetic workload when --duration is not given
 ITERATION_STATS_FORMATS = {"executor": to_executor_json, "triton": to_triton_stats_json}
 DEMO_POLICIES = ("max", "static:1305", "static:1200", "static:1050", "static:900")
 stderr = Console(stderr=True)
@@ -110,7 +112,9 @@ def _setup(args: argparse.Namespace) -> TwinSetup:
 
 def _add_workload_args(parser: argparse.ArgumentParser, default_duration: float | None = None) -> None:
     parser.add_argument(
-        "--trace", default="azure-conv", help="azure-conv | azure-code | path to an Azure or BurstGPT CSV"
+        "--trace",
+        default="azure-conv",
+        help=f"azure-conv | azure-code | path to an Azure or BurstGPT CSV | {SYNTHETIC_SPEC_HELP}",
     )
     parser.add_argument("--start", type=float, default=0.0, help="window start, seconds into the trace")
     parser.add_argument("--duration", type=float, default=default_duration, help="window length in seconds")
@@ -127,7 +131,11 @@ def _add_workload_args(parser: argparse.ArgumentParser, default_duration: float 
 
 
 def _workload(args: argparse.Namespace, setup: TwinSetup) -> Workload:
-    workload = load_trace(args.trace)
+    if args.trace.startswith("synthetic:"):
+        duration = args.duration if args.duration is not None else SYNTHETIC_DEFAULT_S
+        workload = synthetic_from_spec(args.trace, seed=args.seed, duration_s=args.start + duration)
+    else:
+        workload = load_trace(args.trace)
     if args.start or args.duration is not None:
         duration = args.duration if args.duration is not None else workload.duration_s - args.start
         workload = workload.window(args.start, duration)

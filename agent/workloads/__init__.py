@@ -6,6 +6,7 @@ from agent.workloads.synthetic import (
     GammaArrivals,
     LogNormalLengths,
     PoissonArrivals,
+    synthetic_from_spec,
     synthetic_workload,
 )
 from agent.workloads.timestamps import parse_timestamps_ns
@@ -22,5 +23,6 @@ __all__ = [
     "Workload",
     "load_trace",
     "parse_timestamps_ns",
+    "synthetic_from_spec",
     "synthetic_workload",
 ]

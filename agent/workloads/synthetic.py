@@ -118,3 +118,29 @@ def _check_positive(name: str, value: float) -> None:
     """Reject zero, negative, infinite and NaN parameters with a message naming them."""
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+# Log-normal fits to the Azure 2023 conv trace (p50 and p90 of ContextTokens / GeneratedTokens):
+# prompt p50 1020, p90 2735 -> sigma 0.77; output p50 129, p90 424 -> sigma 0.93.
+CONV_LIKE_PROMPTS = LogNormalLengths(median=1020, sigma=0.77, max_tokens=8192)
+CONV_LIKE_OUTPUTS = LogNormalLengths(median=129, sigma=0.93, max_tokens=2048)
+SYNTHETIC_SPEC_HELP = "synthetic:poisson:<rate rps> or synthetic:gamma:<rate rps>:<cv>"
+
+
+def synthetic_from_spec(spec: str, *, seed: int, duration_s: float) -> Workload:
+    """Build a conv-like synthetic workload from its command-line spelling (SYNTHETIC_SPEC_HELP)."""
+    kind, *numbers = spec.removeprefix("synthetic:").split(":")
+    try:
+        values = [float(x) for x in numbers]
+    except ValueError:
+        raise ValueError(f"bad synthetic workload {spec!r}: expected {SYNTHETIC_SPEC_HELP}") from None
+    arrivals: ArrivalProcess
+    if kind == "poisson" and len(values) == 1:
+        arrivals = PoissonArrivals(values[0])
+    elif kind == "gamma" and len(values) == 2:
+        arrivals = GammaArrivals(values[0], values[1])
+    else:
+        raise ValueError(f"bad synthetic workload {spec!r}: expected {SYNTHETIC_SPEC_HELP}")
+    return synthetic_workload(
+        arrivals, CONV_LIKE_PROMPTS, CONV_LIKE_OUTPUTS, seed=seed, duration_s=duration_s, name=spec
+    )

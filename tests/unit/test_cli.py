@@ -124,3 +124,20 @@ def test_console_script_help_and_demo_json():
     assert runs[0]["policy"] == "max"
     assert runs[0]["energy_saved_vs_max"] == 0.0
     assert all(r["energy_j"] < runs[0]["energy_j"] for r in runs[1:])
+
+
+def test_synthetic_workloads_follow_the_seed(capsys):
+    a = run_json(
+        capsys, "simulate", "--trace", "synthetic:poisson:2", "--duration", "60", "--seed", "3", "--json"
+    )
+    b = run_json(
+        capsys, "simulate", "--trace", "synthetic:poisson:2", "--duration", "60", "--seed", "3", "--json"
+    )
+    c = run_json(
+        capsys, "simulate", "--trace", "synthetic:poisson:2", "--duration", "60", "--seed", "4", "--json"
+    )
+    assert a["energy_j"] == b["energy_j"] and a["requests"] == b["requests"]
+    assert (a["requests"], a["energy_j"]) != (c["requests"], c["energy_j"])
+    assert 60 <= a["requests"] <= 180  # 2 req/s for 60 s
+    assert main(["simulate", "--trace", "synthetic:gamma:2", "--json"]) == 1
+    assert "synthetic:gamma:<rate rps>:<cv>" in capsys.readouterr().err
