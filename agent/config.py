@@ -6,8 +6,6 @@ variable's name and what it accepts. Command-line flags override these per invoc
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,7 +31,6 @@ class Settings(BaseSettings):
     clock_change_delay_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="delay before a clock change takes effect (twin GPU)"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log verbosity")
 
     @field_validator("gpu")
     @classmethod
