@@ -150,6 +150,22 @@ def _workload(args: argparse.Namespace, setup: TwinSetup) -> Workload:
     return workload
 
 
+def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table whose first column is a label and the rest right-aligned figures."""
+    table = Table(title=title)
+    table.add_column(headers[0], no_wrap=True)
+    for header in headers[1:]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    _stdout().print(table)
+
+
+def _print_figures(title: str, figures: dict[str, Any]) -> None:
+    """Figures as a two-column metric/value table."""
+    _print_table(title, ("metric", "value"), [(key, _fmt(value)) for key, value in figures.items()])
+
+
 def _print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, default=float))
 
@@ -182,12 +198,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
     else:
-        table = Table(title=f"{args.trace} on {setup.gpu.name} / {setup.model.name} / TP{setup.tp}")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            table.add_row(key, _fmt(value))
-        _stdout().print(table)
+        _print_figures(f"{args.trace} on {setup.gpu.name} / {setup.model.name} / TP{setup.tp}", summary)
     return 0
 
 
@@ -206,22 +217,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"gpu": setup.gpu.name, "model": setup.model.name, "tp": setup.tp, "runs": rows})
         return 0
-    table = Table(title=f"{len(requests)} requests of {args.trace} on {setup.gpu.name} / {setup.model.name}")
-    table.add_column("policy", no_wrap=True)
-    for col in ("energy kJ", "saved", "tok/J", "TBT p99 ms", "TPOT p99 ms", "E2E p99 s", "MHz"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for row in rows:
-        table.add_row(
-            row["policy"],
-            f"{row['energy_j'] / 1000:,.1f}",
-            f"{row['energy_saved_vs_max']:.1%}",
-            f"{row['tokens_per_joule']:.2f}",
-            f"{row['tbt_p99_ms']:.0f}",
-            f"{row['tpot_p99_ms']:.0f}",
-            f"{row['e2e_p99_s']:.1f}",
-            f"{row['mean_clock_mhz']:.0f}",
-        )
-    _stdout().print(table)
+    _print_table(
+        f"{len(requests)} requests of {args.trace} on {setup.gpu.name} / {setup.model.name}",
+        ("policy", "energy kJ", "saved", "tok/J", "TBT p99 ms", "TPOT p99 ms", "E2E p99 s", "MHz"),
+        [
+            (
+                row["policy"],
+                f"{row['energy_j'] / 1000:,.1f}",
+                f"{row['energy_saved_vs_max']:.1%}",
+                f"{row['tokens_per_joule']:.2f}",
+                f"{row['tbt_p99_ms']:.0f}",
+                f"{row['tpot_p99_ms']:.0f}",
+                f"{row['e2e_p99_s']:.1f}",
+                f"{row['mean_clock_mhz']:.0f}",
+            )
+            for row in rows
+        ],
+    )
     _stdout().print(
         "Fixed low clocks save energy but stretch latency under load; the predictive throttllem "
         "policy, which picks the clock per iteration to keep SLOs, is the next milestone."
@@ -250,32 +262,31 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(figures)
     else:
-        for key, value in figures.items():
-            _stdout().print(f"{key:>22}: {_fmt(value)}")
+        _print_figures("simulator speed", figures)
     return 0
 
 
 def cmd_twin_gpus(args: argparse.Namespace) -> int:
     """List the GPUs the twin knows."""
-    specs = [asdict(g) | {"sm_clocks_mhz": [g.min_clock_mhz, g.max_clock_mhz]} for g in GPUS.values()]
     if args.json:
-        _print_json(specs)
+        _print_json([asdict(g) for g in GPUS.values()])
         return 0
-    table = Table(title="GPUs")
-    table.add_column("name", no_wrap=True)
-    for col in ("SM clocks MHz", "memory GiB", "HBM TB/s", "bf16 TFLOPS", "TDP W", "idle W"):
-        table.add_column(col)
-    for g in GPUS.values():
-        table.add_row(
-            g.name,
-            f"{g.min_clock_mhz}-{g.max_clock_mhz} /15",
-            f"{g.memory_bytes / 2**30:.0f}",
-            f"{g.hbm_bandwidth_bytes_s / 1e12:.2f}",
-            f"{g.peak_bf16_flops / 1e12:.0f}",
-            f"{g.tdp_w:.0f}",
-            f"{g.idle_w:.0f}",
-        )
-    _stdout().print(table)
+    _print_table(
+        "GPUs",
+        ("name", "SM clocks MHz", "memory GiB", "HBM TB/s", "bf16 TFLOPS", "TDP W", "idle W"),
+        [
+            (
+                g.name,
+                f"{g.min_clock_mhz}-{g.max_clock_mhz} /15",
+                f"{g.memory_bytes / 2**30:.0f}",
+                f"{g.hbm_bandwidth_bytes_s / 1e12:.2f}",
+                f"{g.peak_bf16_flops / 1e12:.0f}",
+                f"{g.tdp_w:.0f}",
+                f"{g.idle_w:.0f}",
+            )
+            for g in GPUS.values()
+        ],
+    )
     return 0
 
 
@@ -298,21 +309,22 @@ def cmd_twin_models(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    table = Table(title="Models (bf16)")
-    table.add_column("name", no_wrap=True)
-    for col in ("params B", "layers", "hidden", "heads/kv", "KV KiB/token", "weights GiB @TP1"):
-        table.add_column(col)
-    for m in MODELS.values():
-        table.add_row(
-            m.name,
-            f"{m.params() / 1e9:.2f}",
-            str(m.layers),
-            str(m.hidden),
-            f"{m.heads}/{m.kv_heads}",
-            f"{m.kv_bytes_per_token(1) / 1024:.0f}",
-            f"{m.weight_bytes_per_gpu(1) / 2**30:.1f}",
-        )
-    _stdout().print(table)
+    _print_table(
+        "Models (bf16)",
+        ("name", "params B", "layers", "hidden", "heads/kv", "KV KiB/token", "weights GiB @TP1"),
+        [
+            (
+                m.name,
+                f"{m.params() / 1e9:.2f}",
+                str(m.layers),
+                str(m.hidden),
+                f"{m.heads}/{m.kv_heads}",
+                f"{m.kv_bytes_per_token(1) / 1024:.0f}",
+                f"{m.weight_bytes_per_gpu(1) / 2**30:.1f}",
+            )
+            for m in MODELS.values()
+        ],
+    )
     return 0
 
 
@@ -344,8 +356,7 @@ def cmd_twin_probe(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        for key, value in result.items():
-            _stdout().print(f"{key:>14}: {_fmt(value)}")
+        _print_figures("one iteration of the twin", result)
     return 0
 
 

@@ -6,7 +6,7 @@ variable's name and what it accepts. Command-line flags override these per invoc
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.catalog import GPUS, MODELS
@@ -32,18 +32,12 @@ class Settings(BaseSettings):
         5.0, ge=0.0, le=1000.0, description="delay before a clock change takes effect (twin GPU)"
     )
 
-    @field_validator("gpu")
+    @field_validator("gpu", "model")
     @classmethod
-    def _known_gpu(cls, value: str) -> str:
-        if value not in GPUS:
-            raise ValueError(f"must be one of {', '.join(sorted(GPUS))}")
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"must be one of {', '.join(sorted(MODELS))}")
+    def _in_catalog(cls, value: str, info: ValidationInfo) -> str:
+        known = GPUS if info.field_name == "gpu" else MODELS
+        if value not in known:
+            raise ValueError(f"must be one of {', '.join(sorted(known))}")
         return value
 
 

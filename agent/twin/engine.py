@@ -229,10 +229,7 @@ class Engine:
         tokens = done + 1 if done == seq.context_len else done
         extra = _blocks(tokens, self.config.tokens_per_block) - seq.blocks
         if self.used_blocks + extra > self.kv_blocks:
-            if seq.reserved and seq.prefilled == 0 and seq not in self.contexts:
-                self.reserved_blocks -= seq.reserved_blocks
-                seq.reserved = False
-            return False
+            return False  # only under max_utilization: a reservation always covers its blocks
         self.used_blocks += extra
         seq.blocks += extra
         return True
