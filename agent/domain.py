@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 BF16_BYTES = 2
 
+# Inputs of the iterations-per-second model, in column order (ONNX input and dataset columns).
+IPS_FEATURES = ("tp", "batch", "kv_blocks", "clock_mhz", "prefill_tokens")
+
 
 @dataclass(frozen=True, slots=True)
 class GpuSpec:

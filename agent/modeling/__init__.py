@@ -1,0 +1,1 @@
+"""Offline model building: profiling sweeps, datasets, training and ONNX export."""
