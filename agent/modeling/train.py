@@ -1,0 +1,203 @@
+"""Train the iterations-per-second model: LightGBM on profiled iterations, exported to ONNX.
+
+Inputs are `IPS_FEATURES` (tp, batch, kv_blocks, clock_mhz, prefill_tokens), all integers far
+below 2^24, so ONNX's float32 thresholds represent them exactly (interfaces.md §6.2). The target
+is IPS = 1 / iteration time, as in the paper.
+
+Physics says IPS never rises when the batch, the KV cache or the prefill grow, and never falls
+when the clock rises; LightGBM can enforce that (monotone constraints). Both variants are trained
+and scored on the same held-out split; the constrained one is kept unless it is clearly less
+accurate, because the clock search relies on "a higher clock is never predicted slower".
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import onnx
+import onnxmltools
+import onnxruntime as ort
+from onnxmltools.convert.common.data_types import FloatTensorType
+
+from agent.domain import IPS_FEATURES
+
+MONOTONE = {"tp": 0, "batch": -1, "kv_blocks": -1, "clock_mhz": 1, "prefill_tokens": -1}
+ONNX_OPSET = 15  # highest the LightGBM converter supports (interfaces.md §6.1)
+PARITY_MAX_REL_ERROR = 1e-4
+MONOTONE_MAPE_TOLERANCE_PCT = 0.25  # keep constraints unless they cost more MAPE than this
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """LightGBM settings; sized for accuracy near the noise floor and ~µs predictions."""
+
+    n_estimators: int = 150  # upper bound; early stopping usually ends sooner
+    num_leaves: int = 31
+    learning_rate: float = 0.1
+    min_child_samples: int = 20
+    early_stopping_rounds: int = 20
+    folds: int = 5
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """R², MAE (IPS) and MAPE (%) — the paper's three figures."""
+    residual = actual - predicted
+    return {
+        "r2": float(1.0 - np.sum(residual**2) / np.sum((actual - actual.mean()) ** 2)),
+        "mae_ips": float(np.mean(np.abs(residual))),
+        "mape_pct": float(100.0 * np.mean(np.abs(residual / actual))),
+    }
+
+
+def _fit(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, monotone: bool, seed: int) -> lgb.LGBMRegressor:
+    """Fit with early stopping on a 10% validation slice of the training rows."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    n_val = max(1, len(y) // 10)
+    val, fit = order[:n_val], order[n_val:]
+    model = lgb.LGBMRegressor(
+        n_estimators=cfg.n_estimators,
+        num_leaves=cfg.num_leaves,
+        learning_rate=cfg.learning_rate,
+        min_child_samples=cfg.min_child_samples,
+        monotone_constraints=[MONOTONE[f] for f in IPS_FEATURES] if monotone else None,
+        monotone_constraints_method="advanced",
+        random_state=seed,
+        n_jobs=1,
+        verbose=-1,
+    )
+    model.fit(
+        x[fit],
+        y[fit],
+        eval_X=(x[val],),
+        eval_y=(y[val],),
+        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
+    )
+    return model
+
+
+def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, round(n * test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, monotone: bool) -> dict[str, float]:
+    """Mean metrics over k folds of (x, y)."""
+    folds = np.array_split(np.random.default_rng(cfg.seed).permutation(len(y)), cfg.folds)
+    scores = []
+    for k, held in enumerate(folds):
+        train = np.concatenate([f for j, f in enumerate(folds) if j != k])
+        model = _fit(x[train], y[train], cfg, monotone, cfg.seed + k)
+        scores.append(regression_metrics(y[held], model.predict(x[held])))
+    return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
+
+
+def export_onnx(model: lgb.LGBMRegressor, path: Path) -> None:
+    """Write the model as an ONNX TreeEnsembleRegressor with one float32 input named `input`."""
+    proto = onnxmltools.convert_lightgbm(
+        model,
+        initial_types=[("input", FloatTensorType([None, len(IPS_FEATURES)]))],
+        target_opset=ONNX_OPSET,
+        zipmap=False,
+    )
+    onnx.checker.check_model(proto)
+    path.write_bytes(proto.SerializeToString())
+
+
+def onnx_parity(model: lgb.LGBMRegressor, path: Path, x: np.ndarray) -> float:
+    """Largest relative difference between onnxruntime and LightGBM on `x`."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_pred = session.run(None, {"input": x.astype(np.float32)})[0].ravel()
+    lgb_pred = model.predict(x)
+    return float(np.max(np.abs(onnx_pred - lgb_pred) / np.abs(lgb_pred)))
+
+
+def train_ips_model(
+    features: np.ndarray,
+    ips: np.ndarray,
+    out_dir: Path,
+    data: list[dict[str, Any]],
+    cfg: TrainConfig | None = None,
+) -> dict[str, Any]:
+    """Train, score, export and describe an IPS model; returns the model card written beside it.
+
+    `features` has the columns of IPS_FEATURES; `data` describes the training files (path,
+    sha256, setup) for the card.
+    """
+    cfg = cfg or TrainConfig()
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(ips, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(IPS_FEATURES) or len(x) != len(y):
+        raise ValueError(f"features must be (n, {len(IPS_FEATURES)}) with one IPS per row")
+    if len(y) < 20 * cfg.folds:
+        raise ValueError(f"need at least {20 * cfg.folds} rows to train and score, got {len(y)}")
+
+    train, test = _split(len(y), cfg.test_fraction, cfg.seed)
+    variants = {}
+    for monotone in (True, False):
+        model = _fit(x[train], y[train], cfg, monotone, cfg.seed)
+        variants[monotone] = (model, regression_metrics(y[test], model.predict(x[test])))
+    constrained_cost = variants[True][1]["mape_pct"] - variants[False][1]["mape_pct"]
+    monotone = constrained_cost <= MONOTONE_MAPE_TOLERANCE_PCT
+    model, held_out = variants[monotone]
+
+    # The paper's low-data setting: train on 10%, test on the other 90%.
+    small_test, small_train = _split(len(y), cfg.test_fraction, cfg.seed + 1)
+    small = _fit(x[small_train], y[small_train], cfg, monotone, cfg.seed)
+    held_out_10 = regression_metrics(y[small_test], small.predict(x[small_test]))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / "ips.onnx"
+    export_onnx(model, onnx_path)
+    parity = onnx_parity(model, onnx_path, x[test])
+    if parity > PARITY_MAX_REL_ERROR:
+        raise RuntimeError(
+            f"ONNX export differs from LightGBM by {parity:.2e} (limit {PARITY_MAX_REL_ERROR})"
+        )
+
+    card: dict[str, Any] = {
+        "kind": "ips",
+        "file": onnx_path.name,
+        "input": {"name": "input", "dtype": "float32", "columns": list(IPS_FEATURES)},
+        "output": {"name": "variable", "unit": "iterations per second"},
+        "features": {
+            name: {"min": float(x[:, i].min()), "max": float(x[:, i].max()), "monotone": MONOTONE[name]}
+            for i, name in enumerate(IPS_FEATURES)
+        },
+        "units": {"clock_mhz": "MHz", "kv_blocks": "KV-cache blocks in use", "prefill_tokens": "tokens"},
+        "rows": len(y),
+        "metrics": {
+            "held_out_90_10": held_out,
+            "held_out_10_90": held_out_10,
+            "cross_validation": cross_validate(x[train], y[train], cfg, monotone),
+            "monotone_vs_unconstrained_held_out": {
+                "constrained": variants[True][1],
+                "unconstrained": variants[False][1],
+                "kept": "constrained" if monotone else "unconstrained",
+            },
+            "onnx_max_rel_error": parity,
+        },
+        "model": {"trees": int(model.booster_.num_trees()), **asdict(cfg)},
+        "data": data,
+        "versions": {
+            "python": platform.python_version(),
+            "lightgbm": lgb.__version__,
+            "onnxmltools": onnxmltools.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+        },
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card

@@ -1,0 +1,122 @@
+"""Iterations-per-second predictions from an exported IPS model (ONNX + card.json).
+
+`IpsModel` answers whole batches of (tp, batch, kv_blocks, clock_mhz, prefill_tokens) rows in one
+onnxruntime call on one thread: the decision core asks for every candidate clock at several future
+iterations at once. `DecodeIpsTable` goes further for the common case, decode-only iterations: it
+evaluates the model once over a (clock × batch × KV) grid at load time, after which a query is a
+numpy gather (trees are piecewise constant, so a fine grid loses little; the bench measures it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.domain import IPS_FEATURES
+
+log = logging.getLogger(__name__)
+TP, BATCH, KV, CLOCK, PREFILL = range(len(IPS_FEATURES))
+
+
+class ModelLoadError(ValueError):
+    """A model directory without a usable ips.onnx / card.json."""
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # the sidecar must not steal cores from the inference server
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class IpsModel:
+    """An exported IPS model: batch predictions, with a warning when asked outside its data."""
+
+    def __init__(self, model_dir: Path | str) -> None:
+        model_dir = Path(model_dir)
+        try:
+            self.card: dict[str, Any] = json.loads((model_dir / "card.json").read_text())
+            self._session = _session(model_dir / self.card["file"])
+        except (OSError, KeyError, json.JSONDecodeError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+            raise ModelLoadError(f"cannot load the IPS model in {model_dir}: {exc}") from exc
+        columns = self.card["input"]["columns"]
+        if tuple(columns) != IPS_FEATURES:
+            raise ModelLoadError(f"{model_dir}: model inputs {columns} are not {list(IPS_FEATURES)}")
+        self.model_dir = model_dir
+        self.low = np.array([self.card["features"][f]["min"] for f in IPS_FEATURES], dtype=np.float32)
+        self.high = np.array([self.card["features"][f]["max"] for f in IPS_FEATURES], dtype=np.float32)
+        self._warned: set[str] = set()
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """IPS for each row of `rows` (columns as IPS_FEATURES)."""
+        x = np.ascontiguousarray(rows, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != len(IPS_FEATURES):
+            raise ValueError(f"rows must have shape (n, {len(IPS_FEATURES)})")
+        self._check_range(x)
+        return self._session.run(None, {"input": x})[0].ravel().astype(np.float64)
+
+    def iteration_s(self, rows: np.ndarray) -> np.ndarray:
+        """Predicted seconds per iteration for each row."""
+        return 1.0 / np.maximum(self.predict(rows), 1e-9)
+
+    def _check_range(self, x: np.ndarray) -> None:
+        if len(self._warned) == len(IPS_FEATURES):
+            return
+        outside = (x < self.low) | (x > self.high)
+        if not outside.any():
+            return
+        for i in np.flatnonzero(outside.any(axis=0)):
+            name = IPS_FEATURES[i]
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning(
+                    "IPS model %s asked for %s outside its training range [%g, %g]; predictions extrapolate",
+                    self.model_dir,
+                    name,
+                    self.low[i],
+                    self.high[i],
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeIpsTable:
+    """IPS of decode-only iterations, precomputed on a (clock, batch, KV) grid."""
+
+    clocks_mhz: np.ndarray  # ascending candidate clocks
+    kv_step: float  # KV blocks between grid points
+    ips: np.ndarray  # [clock index, batch, KV grid index]
+
+    @classmethod
+    def build(
+        cls,
+        model: IpsModel,
+        tp: int,
+        clocks_mhz: tuple[int, ...],
+        max_batch: int,
+        kv_blocks: int,
+        kv_points: int = 128,
+    ) -> DecodeIpsTable:
+        """Evaluate `model` for batch 0..max_batch and kv_points KV levels per clock."""
+        clocks = np.array(sorted(clocks_mhz), dtype=np.float32)
+        kv_grid = np.linspace(0.0, kv_blocks, kv_points, dtype=np.float32)
+        c, b, k = np.meshgrid(clocks, np.arange(max_batch + 1, dtype=np.float32), kv_grid, indexing="ij")
+        rows = np.zeros((c.size, len(IPS_FEATURES)), dtype=np.float32)
+        rows[:, TP], rows[:, BATCH], rows[:, KV], rows[:, CLOCK] = tp, b.ravel(), k.ravel(), c.ravel()
+        ips = model.predict(rows).reshape(c.shape)
+        return cls(clocks, float(kv_blocks) / (kv_points - 1), ips)
+
+    def lookup(self, clock_index: np.ndarray | int, batch: np.ndarray, kv_blocks: np.ndarray) -> np.ndarray:
+        """IPS at the given clock index(es), batch sizes and KV blocks (linear in KV between points)."""
+        pos = np.clip(np.asarray(kv_blocks, dtype=np.float64) / self.kv_step, 0, self.ips.shape[2] - 1)
+        lo = np.minimum(pos.astype(np.intp), self.ips.shape[2] - 2)
+        frac = pos - lo
+        b = np.clip(np.asarray(batch, dtype=np.intp), 0, self.ips.shape[1] - 1)
+        return self.ips[clock_index, b, lo] * (1 - frac) + self.ips[clock_index, b, lo + 1] * frac
