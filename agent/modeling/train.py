@@ -24,13 +24,11 @@ import numpy as np
 import onnx
 import onnxmltools
 import onnxruntime as ort
-from onnxmltools.convert.common.data_types import FloatTensorType
 
 from agent.domain import IPS_FEATURES
+from agent.modeling.onnx_export import PARITY_MAX_REL_ERROR, export_onnx, onnx_parity
 
 MONOTONE = {"tp": 0, "batch": -1, "kv_blocks": -1, "clock_mhz": 1, "prefill_tokens": -1}
-ONNX_OPSET = 15  # highest the LightGBM converter supports (interfaces.md §6.1)
-PARITY_MAX_REL_ERROR = 1e-4
 MONOTONE_MAPE_TOLERANCE_PCT = 0.25  # keep constraints unless they cost more MAPE than this
 
 
@@ -102,26 +100,6 @@ def cross_validate(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, monotone: boo
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
 
 
-def export_onnx(model: lgb.LGBMRegressor, path: Path) -> None:
-    """Write the model as an ONNX TreeEnsembleRegressor with one float32 input named `input`."""
-    proto = onnxmltools.convert_lightgbm(
-        model,
-        initial_types=[("input", FloatTensorType([None, len(IPS_FEATURES)]))],
-        target_opset=ONNX_OPSET,
-        zipmap=False,
-    )
-    onnx.checker.check_model(proto)
-    path.write_bytes(proto.SerializeToString())
-
-
-def onnx_parity(model: lgb.LGBMRegressor, path: Path, x: np.ndarray) -> float:
-    """Largest relative difference between onnxruntime and LightGBM on `x`."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_pred = session.run(None, {"input": x.astype(np.float32)})[0].ravel()
-    lgb_pred = model.predict(x)
-    return float(np.max(np.abs(onnx_pred - lgb_pred) / np.abs(lgb_pred)))
-
-
 def train_ips_model(
     features: np.ndarray,
     ips: np.ndarray,
@@ -158,7 +136,7 @@ def train_ips_model(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "ips.onnx"
-    export_onnx(model, onnx_path)
+    export_onnx(model, onnx_path, len(IPS_FEATURES), "throttllem_ips")
     parity = onnx_parity(model, onnx_path, x[test])
     if parity > PARITY_MAX_REL_ERROR:
         raise RuntimeError(
