@@ -22,6 +22,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from agent.domain import BF16_BYTES, GpuSpec, ModelSpec
 from agent.twin import profiles
 from agent.twin.frequency import frequency_response
@@ -103,13 +105,9 @@ class LatencyModel:
         lm_bytes = BF16_BYTES * model.vocab * model.hidden / tp
         self._lm_mem_ms = lm_bytes / cost.bytes_per_ms * bandwidth_scale
         self._lm_comp_ms_per_seq = 2.0 * model.vocab * model.hidden / tp / cost.flops_per_ms * compute_scale
+        sizes = np.arange(max_num_tokens + 1) * model.hidden * BF16_BYTES
         self._all_reduce_ms: list[float] = (
-            [0.0] * (max_num_tokens + 1)
-            if tp == 1
-            else [
-                profiles.all_reduce_ms(family, tp, m * model.hidden * BF16_BYTES)
-                for m in range(max_num_tokens + 1)
-            ]
+            [0.0] * (max_num_tokens + 1) if tp == 1 else profiles.all_reduce_ms(family, tp, sizes).tolist()
         )
 
     def slowdown(self, clock_mhz: int) -> float:

@@ -219,10 +219,10 @@ def all_reduce_table(profile_gpu: str, workers: int) -> tuple[np.ndarray, np.nda
     return np.log(sizes), np.log(times)
 
 
-def all_reduce_ms(profile_gpu: str, workers: int, size_bytes: float) -> float:
-    """One all-reduce of `size_bytes` (log-log interpolation; linear in bytes past the table)."""
+def all_reduce_ms(profile_gpu: str, workers: int, size_bytes: np.ndarray | float) -> np.ndarray:
+    """All-reduce time for each size (log-log interpolation; linear in bytes past the table)."""
     log_sizes, log_times = all_reduce_table(profile_gpu, workers)
-    log_size = np.log(max(size_bytes, 1.0))
-    if log_size > log_sizes[-1]:
-        return float(np.exp(log_times[-1]) * np.exp(log_size - log_sizes[-1]))
-    return float(np.exp(np.interp(log_size, log_sizes, log_times)))
+    log_size = np.log(np.maximum(np.asarray(size_bytes, dtype=float), 1.0))
+    inside = np.exp(np.interp(log_size, log_sizes, log_times))
+    beyond = np.exp(log_times[-1] + log_size - log_sizes[-1])
+    return np.where(log_size > log_sizes[-1], beyond, inside)
