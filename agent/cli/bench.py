@@ -1,0 +1,47 @@
+"""`bench ...`: benchmarks that print figures (speed and accuracy targets live here, not in tests)."""
+
+from __future__ import annotations
+
+import argparse
+
+from agent.cli.common import add_setup_args, print_figures, print_json, progress_bar, setup_from_args
+from agent.config import Settings
+from agent.control.policies import parse_policy
+from agent.twin.simulator import simulate
+from agent.workloads import load_trace
+
+
+def cmd_bench_sim(args: argparse.Namespace) -> int:
+    """Simulator speed on the whole conv trace at stock clocks."""
+    setup = setup_from_args(args)
+    requests = load_trace(args.trace).requests()
+    with progress_bar("bench sim", not args.json) as progress:
+        summary = simulate(setup, parse_policy("max", setup.gpu), requests, progress).summary()
+    figures = {
+        "trace": args.trace,
+        "gpu": setup.gpu.name,
+        "model": setup.model.name,
+        "tp": setup.tp,
+        "requests": summary["requests"],
+        "iterations": summary["iterations"],
+        "sim_seconds": summary["sim_seconds"],
+        "wall_seconds": summary["wall_seconds"],
+        "speedup_vs_real_time": summary["speedup_vs_real_time"],
+        "us_per_iteration": summary["wall_seconds"] / summary["iterations"] * 1e6,
+    }
+    if args.json:
+        print_json(figures)
+    else:
+        print_figures("simulator speed", figures)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
+    """Add `bench sim`."""
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_sim = bench_sub.add_parser("sim", help="simulator speed on a whole trace at stock clocks")
+    add_setup_args(bench_sim)
+    bench_sim.add_argument("--trace", default="azure-conv")
+    bench_sim.add_argument("--json", action="store_true")
+    bench_sim.set_defaults(func=cmd_bench_sim)
