@@ -4,7 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+# Engine configurations whose IPS models ship in models/ (gpu:model:tp).
+MODEL_CONFIGS := a100-sxm4-80gb:llama3-8b:1 a100-sxm4-40gb:llama2-13b:1 a100-sxm4-40gb:llama2-13b:2 \
+                 a100-sxm4-40gb:llama2-13b:4 h100-sxm5-80gb:llama3-8b:1
+PROFILE_ROWS  ?= 20000
+
+.PHONY: setup demo test lint bench models clean
 
 setup: $(STAMP)
 
@@ -27,6 +32,17 @@ lint: setup
 
 bench: setup
 	$(BIN)/throttllem bench sim --json
+	$(BIN)/throttllem bench predictor --json
+
+# Regenerates every shipped model from the twin and the traces, reproducibly (fixed seeds).
+models: setup
+	@set -e; for cfg in $(MODEL_CONFIGS); do \
+	  set -- $$(echo $$cfg | tr : ' '); \
+	  data=build/profiles/$$1-$$2-tp$$3.csv; rm -f $$data $$data.json; \
+	  $(BIN)/throttllem profile --target twin --gpu $$1 --model $$2 --tp $$3 --samples $(PROFILE_ROWS) --seed 0 --out $$data --json; \
+	  $(BIN)/throttllem train --data $$data --out models/$$1/$$2-tp$$3 --seed 0 --json; \
+	done
+	$(BIN)/throttllem train-lengths --out models/lengths/azure --seed 0 --json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -6,6 +6,8 @@ variable's name and what it accepts. Command-line flags override these per invoc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,6 +30,7 @@ class Settings(BaseSettings):
     tp: int = Field(1, ge=1, le=8, description="tensor-parallel degree of the engine")
     policy: str = Field("max", description="clock policy: max | static:<MHz>")
     seed: int = Field(0, ge=0, description="seed for every random choice of a run")
+    models_dir: Path = Field(Path("models"), description="trained models: <gpu>/<model>-tp<N>/, lengths/")
     clock_change_delay_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="delay before a clock change takes effect (twin GPU)"
     )

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+from pathlib import Path
 
-from agent.cli.common import add_setup_args, print_figures, print_json, progress_bar, setup_from_args
+from agent.bench.predictor import FRESH_SEED_OFFSET, benchmark_predictor
+from agent.cli.common import add_setup_args, flatten, print_figures, print_json, progress_bar, setup_from_args
+from agent.cli.models import PROFILE_NOISE, ips_model_dir
 from agent.config import Settings
 from agent.control.policies import parse_policy
 from agent.twin.simulator import simulate
@@ -36,8 +40,22 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_predictor(args: argparse.Namespace) -> int:
+    """Accuracy on fresh twin rows and latency of the shipped IPS model."""
+    setup = replace(setup_from_args(args), noise=args.noise, seed=args.seed + FRESH_SEED_OFFSET)
+    model_dir = args.model_dir or ips_model_dir(args.models_dir, setup.gpu.name, setup.model.name, setup.tp)
+    with progress_bar("bench predictor", not args.json) as progress:
+        figures = benchmark_predictor(model_dir, setup, args.rows, args.seed + FRESH_SEED_OFFSET)
+        progress(1.0)
+    if args.json:
+        print_json(figures)
+    else:
+        print_figures("IPS predictor", flatten(figures))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
-    """Add `bench sim`."""
+    """Add `bench sim` and `bench predictor`."""
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bench_sim = bench_sub.add_parser("sim", help="simulator speed on a whole trace at stock clocks")
@@ -45,3 +63,14 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     bench_sim.add_argument("--trace", default="azure-conv")
     bench_sim.add_argument("--json", action="store_true")
     bench_sim.set_defaults(func=cmd_bench_sim)
+
+    predictor = bench_sub.add_parser("predictor", help="IPS model accuracy on fresh twin data, and latency")
+    add_setup_args(predictor)
+    predictor.set_defaults(noise=PROFILE_NOISE)
+    predictor.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    predictor.add_argument(
+        "--model-dir", type=Path, default=None, help="default: <models-dir>/<gpu>/<model>-tp<N>"
+    )
+    predictor.add_argument("--rows", type=int, default=5000, help="fresh profile rows to score on")
+    predictor.add_argument("--json", action="store_true")
+    predictor.set_defaults(func=cmd_bench_predictor)

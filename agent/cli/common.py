@@ -163,6 +163,17 @@ def print_figures(title: str, figures: dict[str, Any]) -> None:
     print_table(title, ("metric", "value"), [(key, fmt(value)) for key, value in figures.items()])
 
 
+def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested figures as dotted keys, for a two-column table."""
+    flat: dict[str, Any] = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def print_json(payload: Any) -> None:
     """One JSON document on stdout (the `--json` output)."""
     print(json.dumps(payload, indent=2, default=float))

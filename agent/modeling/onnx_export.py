@@ -20,8 +20,14 @@ ONNX_OPSET = 15
 PARITY_MAX_REL_ERROR = 1e-4
 
 
-def export_onnx(model: lgb.LGBMRegressor, path: Path, n_features: int, name: str) -> None:
-    """Write `model` with one float32 input named `input` of `n_features` columns."""
+def export_onnx(
+    model: lgb.LGBMRegressor, path: Path, n_features: int, name: str, exp_output: bool = False
+) -> None:
+    """Write `model` with one float32 input named `input` of `n_features` columns.
+
+    With `exp_output` the graph ends with Exp: a model trained on log(target) then outputs the
+    target itself, so the runtime needs no knowledge of the transform.
+    """
     proto = onnxmltools.convert_lightgbm(
         model,
         name=name,
@@ -29,6 +35,13 @@ def export_onnx(model: lgb.LGBMRegressor, path: Path, n_features: int, name: str
         target_opset=ONNX_OPSET,
         zipmap=False,
     )
+    if exp_output:
+        (log_output,) = proto.graph.output
+        proto.graph.node.append(onnx.helper.make_node("Exp", [log_output.name], ["exp_" + log_output.name]))
+        proto.graph.output.pop()
+        proto.graph.output.append(
+            onnx.helper.make_tensor_value_info("exp_" + log_output.name, onnx.TensorProto.FLOAT, [None, 1])
+        )
     onnx.checker.check_model(proto)
     path.write_bytes(proto.SerializeToString())
 
@@ -39,7 +52,7 @@ def onnx_predict(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"input": x.astype(np.float32)})[0].ravel().astype(np.float64)
 
 
-def onnx_parity(model: lgb.LGBMRegressor, path: Path, x: np.ndarray) -> float:
+def onnx_parity(model: lgb.LGBMRegressor, path: Path, x: np.ndarray, exp_output: bool = False) -> float:
     """Largest relative difference between onnxruntime and LightGBM on rows `x`."""
-    lgb_pred = model.predict(x)
+    lgb_pred = np.exp(model.predict(x)) if exp_output else model.predict(x)
     return float(np.max(np.abs(onnx_predict(path, x) - lgb_pred) / np.abs(lgb_pred)))

@@ -68,12 +68,10 @@ class IpsModel:
         return 1.0 / np.maximum(self.predict(rows), 1e-9)
 
     def _check_range(self, x: np.ndarray) -> None:
-        if len(self._warned) == len(IPS_FEATURES):
+        if len(self._warned) == len(IPS_FEATURES) or not len(x):
             return
-        outside = (x < self.low) | (x > self.high)
-        if not outside.any():
-            return
-        for i in np.flatnonzero(outside.any(axis=0)):
+        outside = (x.min(axis=0) < self.low) | (x.max(axis=0) > self.high)
+        for i in np.flatnonzero(outside):
             name = IPS_FEATURES[i]
             if name not in self._warned:
                 self._warned.add(name)

@@ -141,3 +141,49 @@ def test_synthetic_workloads_follow_the_seed(capsys):
     assert 60 <= a["requests"] <= 180  # 2 req/s for 60 s
     assert main(["simulate", "--trace", "synthetic:gamma:2", "--json"]) == 1
     assert "synthetic:gamma:<rate rps>:<cv>" in capsys.readouterr().err
+
+
+def test_profile_train_and_bench_predictor_end_to_end(tmp_path, capsys):
+    data, model_dir = tmp_path / "profile.csv", tmp_path / "model"
+    setup = ("--gpu", "a100-sxm4-80gb", "--model", "llama3-8b", "--tp", "1")
+    prof = run_json(
+        capsys, "profile", "--target", "twin", *setup, "--samples", "3000", "--out", str(data), "--json"
+    )
+    assert prof["rows"] >= 3000 and data.with_suffix(".csv.json").exists()
+    before = data.read_bytes()
+    again = run_json(
+        capsys, "profile", "--target", "twin", *setup, "--samples", "3000", "--out", str(data), "--json"
+    )
+    # Resuming re-runs only the last point (it may have been cut short) and rewrites it identically.
+    assert again["rows"] == prof["rows"] and again["new_rows"] < 300
+    assert data.read_bytes() == before
+    trained = run_json(capsys, "train", "--data", str(data), "--out", str(model_dir), "--json")
+    assert trained["held_out_90_10.r2"] > 0.95 and trained["onnx_max_rel_error"] <= 1e-4
+    bench = run_json(
+        capsys, "bench", "predictor", *setup, "--model-dir", str(model_dir), "--rows", "1000", "--json"
+    )
+    assert bench["held_out"]["r2"] > 0.95
+    assert {"predict_1_rows", "predict_64_rows", "predict_1024_rows", "decode_table"} <= bench.keys()
+    assert bench["predict_64_rows"]["p50_us"] > 0
+
+
+def test_profile_refuses_a_dataset_of_another_setup(tmp_path, capsys):
+    data = tmp_path / "profile.csv"
+    assert main(["profile", "--samples", "200", "--out", str(data), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["profile", "--samples", "200", "--out", str(data), "--tp", "2", "--json"]) == 1
+    assert "tp" in capsys.readouterr().err
+
+
+def test_shipped_models_load_and_pass_parity():
+    from pathlib import Path
+
+    from agent.predict.ips import IpsModel
+
+    shipped = sorted(p for p in Path("models").glob("*/*/card.json") if p.parent.parent.name != "lengths")
+    assert len(shipped) >= 5
+    for card in shipped:
+        model = IpsModel(card.parent)
+        assert model.card["metrics"]["onnx_max_rel_error"] <= 1e-4
+        assert model.card["metrics"]["held_out_90_10"]["r2"] >= 0.98
+        assert model.card["features"]["clock_mhz"]["monotone"] == 1

@@ -1,0 +1,1 @@
+"""Benchmarks: figures the README and closing notes quote, produced by `throttllem bench`."""
