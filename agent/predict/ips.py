@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,25 @@ class DecodeIpsTable:
         kv_points: int = 128,
     ) -> DecodeIpsTable:
         """Evaluate `model` for batch 0..max_batch and kv_points KV levels per clock."""
+        return cls.from_ips(model.predict, tp, clocks_mhz, max_batch, kv_blocks, kv_points)
+
+    @classmethod
+    def from_ips(
+        cls,
+        ips: Callable[[np.ndarray], np.ndarray],
+        tp: int,
+        clocks_mhz: tuple[int, ...],
+        max_batch: int,
+        kv_blocks: int,
+        kv_points: int = 128,
+    ) -> DecodeIpsTable:
+        """Tabulate any IPS function of IPS_FEATURES rows (prefill 0) on the grid."""
         clocks = np.array(sorted(clocks_mhz), dtype=np.float32)
         kv_grid = np.linspace(0.0, kv_blocks, kv_points, dtype=np.float32)
         c, b, k = np.meshgrid(clocks, np.arange(max_batch + 1, dtype=np.float32), kv_grid, indexing="ij")
         rows = np.zeros((c.size, len(IPS_FEATURES)), dtype=np.float32)
         rows[:, TP], rows[:, BATCH], rows[:, KV], rows[:, CLOCK] = tp, b.ravel(), k.ravel(), c.ravel()
-        ips = model.predict(rows).reshape(c.shape)
-        return cls(clocks, float(kv_blocks) / (kv_points - 1), ips)
+        return cls(clocks, float(kv_blocks) / (kv_points - 1), ips(rows).reshape(c.shape))
 
     def lookup(self, clock_index: np.ndarray | int, batch: np.ndarray, kv_blocks: np.ndarray) -> np.ndarray:
         """IPS at the given clock index(es), batch sizes and KV blocks (linear in KV between points)."""

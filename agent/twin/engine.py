@@ -91,7 +91,7 @@ class IterationOutcome:
     start_s: float
     end_s: float
     decode_tokens: int  # tokens from requests that also emitted in the previous iteration
-    first_tokens: int  # requests that emitted their first token
+    first_token_ids: tuple[int, ...]  # requests that emitted their first token
     resumed_gaps_s: tuple[float, ...]  # token gaps of requests resuming after a pause
     finished: tuple[FinishedRequest, ...]
     context_tokens: int
@@ -274,7 +274,7 @@ class Engine:
             self._leave_decoding(seq, it)
             finished.append(self._finish(seq, end_s))
 
-        first_tokens = 0
+        first_token_ids: list[int] = []
         resumed_gaps: list[float] = []
         context_tokens = 0
         for seq, (chunk, _) in zip(batch.context, batch.prefill_chunks, strict=True):
@@ -286,7 +286,7 @@ class Engine:
             seq.generated += 1
             if seq.first_token_s is None:
                 seq.first_token_s = end_s
-                first_tokens += 1
+                first_token_ids.append(seq.request.request_id)
             else:
                 resumed_gaps.append(end_s - (seq.last_token_s or end_s))
             seq.last_token_s = end_s
@@ -302,7 +302,7 @@ class Engine:
             start_s=start_s,
             end_s=end_s,
             decode_tokens=batch.decode_seqs,
-            first_tokens=first_tokens,
+            first_token_ids=tuple(first_token_ids),
             resumed_gaps_s=tuple(resumed_gaps),
             finished=tuple(finished),
             context_tokens=context_tokens,

@@ -84,10 +84,13 @@ class LatencyModel:
 
         cost = profiles.linear_cost(family, model, tp, max_num_tokens)
         bandwidth_scale = profiled_bw / gpu.hbm_bandwidth_bytes_s
-        self._mem_ms = (cost.memory_ms * bandwidth_scale).tolist()
+        self._mem_ms_array = cost.memory_ms * bandwidth_scale
+        self._mem_ms = self._mem_ms_array.tolist()
         compute_scale = profiled_flops / gpu.peak_bf16_flops
-        self._comp_ms = [c * compute_scale for c in cost.compute_ms.tolist()]
-        self._elem_ms = cost.elementwise_ms.tolist()
+        self._comp_ms_array = cost.compute_ms * compute_scale
+        self._comp_ms = self._comp_ms_array.tolist()
+        self._elem_ms_array = cost.elementwise_ms
+        self._elem_ms = self._elem_ms_array.tolist()
 
         fit = profiles.attention_fit()
         self._attn = fit
@@ -106,9 +109,10 @@ class LatencyModel:
         self._lm_mem_ms = lm_bytes / cost.bytes_per_ms * bandwidth_scale
         self._lm_comp_ms_per_seq = 2.0 * model.vocab * model.hidden / tp / cost.flops_per_ms * compute_scale
         sizes = np.arange(max_num_tokens + 1) * model.hidden * BF16_BYTES
-        self._all_reduce_ms: list[float] = (
-            [0.0] * (max_num_tokens + 1) if tp == 1 else profiles.all_reduce_ms(family, tp, sizes).tolist()
+        self._all_reduce_ms_array = (
+            np.zeros(max_num_tokens + 1) if tp == 1 else profiles.all_reduce_ms(family, tp, sizes)
         )
+        self._all_reduce_ms = self._all_reduce_ms_array.tolist()
 
     def slowdown(self, clock_mhz: int) -> float:
         """Compute-bound time multiplier at `clock_mhz` (1.0 at max clock)."""
@@ -116,6 +120,23 @@ class LatencyModel:
         if s is None:
             s = self._slowdown_cache[clock_mhz] = self._response.slowdown_at(clock_mhz)
         return s
+
+    def decode_time_s(
+        self, clock_mhz: np.ndarray, batch: np.ndarray, context_tokens: np.ndarray
+    ) -> np.ndarray:
+        """Time of decode-only iterations, vectorised (broadcasts its arguments).
+
+        The same arithmetic as `iteration` with no prefill chunks, for building exact tables
+        (the oracle policy's "perfect model"); a test holds the two to each other.
+        """
+        s = np.interp(clock_mhz, self._response.clock_mhz, self._response.slowdown)
+        b = np.clip(np.asarray(batch, dtype=np.intp), 1, self.max_num_tokens)
+        gemm = np.hypot(self._mem_ms_array[b], s * self._comp_ms_array[b])
+        decode_attn = s * self._decode_launch_ms + self._decode_ms_per_token * np.asarray(context_tokens)
+        layer = gemm + s * self._elem_ms_array[b] + decode_attn + 2.0 * self._all_reduce_ms_array[b]
+        lm_head = np.hypot(self._lm_mem_ms, s * self._lm_comp_ms_per_seq * b)
+        busy_ms = self.model.layers * layer + lm_head + s * self.overhead.device_ms
+        return (busy_ms + self.overhead.host_ms) / 1000.0
 
     def iteration(
         self,

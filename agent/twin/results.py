@@ -62,7 +62,7 @@ class SimulationResult:
         self.clock_mhz.append(clock_mhz)
         self.power_w.append(power_w)
         self.batch_size.append(outcome.decode_requests + outcome.context_requests)
-        self.tokens_out += outcome.decode_tokens + outcome.first_tokens + len(outcome.resumed_gaps_s)
+        self.tokens_out += outcome.decode_tokens + len(outcome.first_token_ids) + len(outcome.resumed_gaps_s)
         self.extra_gaps_s.extend(outcome.resumed_gaps_s)
         for done in outcome.finished:
             arrival = done.request.arrival_s

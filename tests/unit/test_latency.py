@@ -183,3 +183,16 @@ class TestPower:
         power = PowerModel(A100_80)
         assert power.idle_w(None) == A100_80.idle_w
         assert power.idle_w(1410) > power.idle_w(1050) > power.idle_w(210) >= A100_80.idle_w
+
+
+def test_vectorised_decode_time_matches_the_scalar_model():
+    latency = LatencyModel(A100_40, LLAMA2_13B, 2, 8192)
+    rng = np.random.default_rng(0)
+    clocks = rng.choice(A100_40.sm_clocks_mhz, 200)
+    batch = rng.integers(1, 256, 200)
+    ctx = batch * rng.integers(1, 4000, 200)
+    vector = latency.decode_time_s(clocks, batch, ctx)
+    scalar = [
+        latency.iteration(int(c), int(b), int(k)).time_s for c, b, k in zip(clocks, batch, ctx, strict=True)
+    ]
+    assert np.allclose(vector, scalar, rtol=1e-12)
