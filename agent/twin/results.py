@@ -22,7 +22,9 @@ def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> fl
 
 
 def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+    finite = np.asarray(values, dtype=float)
+    finite = finite[~np.isnan(finite)]
+    return float(np.percentile(finite, q)) if len(finite) else None
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -46,7 +48,8 @@ class SimulationResult:
     extra_gaps_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
     e2e_s: list[float] = field(default_factory=list)
-    tpot_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)  # NaN for 1-token outputs (no TPOT)
+    output_tokens: list[int] = field(default_factory=list)
     tokens_out: int = 0
     sim_seconds: float = 0.0
     energy_j: float = 0.0
@@ -68,8 +71,12 @@ class SimulationResult:
             arrival = done.request.arrival_s
             self.ttft_s.append(done.first_token_s - arrival)
             self.e2e_s.append(done.finish_s - arrival)
-            if done.output_tokens > 1:
-                self.tpot_s.append((done.finish_s - done.first_token_s) / (done.output_tokens - 1))
+            self.output_tokens.append(done.output_tokens)
+            self.tpot_s.append(
+                (done.finish_s - done.first_token_s) / (done.output_tokens - 1)
+                if done.output_tokens > 1
+                else float("nan")
+            )
 
     def finish(self, **totals: float) -> None:
         """Set the run totals once the loop has ended."""

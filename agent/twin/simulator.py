@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from agent.control.admission import EngineLimits
 from agent.control.policies import ControlView, Policy
+from agent.control.scoreboard import Scoreboard
 from agent.domain import EngineStats, GpuSpec, ModelSpec, Request
+from agent.predict.lengths import LengthPredictor, MaxTokensPredictor
 from agent.twin.engine import Batch, Engine, IterationOutcome, RequestRejectedError
 from agent.twin.gpu import DEFAULT_CLOCK_CHANGE_DELAY_S, TwinGpu
 from agent.twin.iteration_stats import InflightBatchingStats, IterationStats, KvCacheStats
@@ -81,6 +84,7 @@ class Simulation:
         requests: Sequence[Request],
         on_iteration: IterationObserver | None = None,
         epoch_s: float = DEFAULT_EPOCH_S,
+        length_predictor: LengthPredictor | None = None,
     ) -> None:
         self.setup = setup
         self.on_iteration = on_iteration  # receives TRT-LLM iteration stats; built only when set
@@ -94,6 +98,20 @@ class Simulation:
         self._jitter: list[float] = []
         self.now_s = 0.0
         self._last_stats: EngineStats | None = None
+        self._last_clock: int | None = None
+        self.limits = EngineLimits(
+            kv_blocks=self.engine.kv_blocks,
+            tokens_per_block=setup.engine.tokens_per_block,
+            max_batch_size=setup.engine.max_batch_size,
+            max_num_tokens=setup.engine.max_num_tokens,
+        )
+        # Policies that gate admission see a scoreboard fed by a length predictor; the others
+        # let every arrival straight into the engine, as a stock Triton does.
+        self.gated = bool(getattr(policy, "gates_admission", False))
+        self.scoreboard = Scoreboard() if self.gated else None
+        self._pending: dict[int, Request] = {}
+        predictor = length_predictor or MaxTokensPredictor()
+        self._predicted = predictor.predict(self.requests).tolist() if self.gated and self.requests else []
 
     def _next_jitter(self) -> float:
         if self.setup.noise <= 0:
@@ -103,13 +121,53 @@ class Simulation:
             self._jitter = np.exp(sigma * self._rng.standard_normal(NOISE_BLOCK) - sigma**2 / 2).tolist()
         return self._jitter.pop()
 
-    def _apply_policy(self) -> None:
-        view = ControlView(now_s=self.now_s, gpu=self.setup.gpu, stats=self._last_stats)
-        clock = self.policy.decide(view).sm_clock_mhz
-        if clock is None:
+    def _apply_policy(self, result: SimulationResult) -> None:
+        """Ask the policy; lock the clock it chose and start the requests it admitted."""
+        view = ControlView(
+            now_s=self.now_s,
+            gpu=self.setup.gpu,
+            stats=self._last_stats,
+            limits=self.limits,
+            scoreboard=self.scoreboard.view() if self.scoreboard is not None else None,
+            last_clock_mhz=self._last_clock,
+        )
+        decision = self.policy.decide(view)
+        if decision.sm_clock_mhz is None:
             self.gpu.reset_sm_clock(self.now_s)
         else:
-            self.gpu.lock_sm_clock_mhz(clock, self.now_s)
+            self.gpu.lock_sm_clock_mhz(decision.sm_clock_mhz, self.now_s)
+        if self.scoreboard is None:
+            return
+        for request_id in decision.admit_request_ids:
+            request = self._pending.pop(request_id)
+            try:
+                self.engine.submit(request)
+            except RequestRejectedError:
+                result.rejected += 1
+                self.scoreboard.finish(request_id)
+            else:
+                self.scoreboard.admit(request_id)
+
+    def _arrive(self, index: int, result: SimulationResult) -> None:
+        request = self.requests[index]
+        if self.scoreboard is not None:
+            self._pending[request.request_id] = request
+            self.scoreboard.add_queued(request, int(self._predicted[index]))
+            return
+        try:
+            self.engine.submit(request)
+        except RequestRejectedError:
+            result.rejected += 1
+
+    def _track(self, outcome: IterationOutcome) -> None:
+        """Tell the scoreboard what the iteration produced."""
+        if self.scoreboard is None:
+            return
+        self.scoreboard.decode_step()
+        for request_id in outcome.first_token_ids:
+            self.scoreboard.first_token(request_id, outcome.end_s)
+        for done in outcome.finished:
+            self.scoreboard.finish(done.request.request_id)
 
     def _stats(self, batch: Batch, end_s: float, duration_s: float) -> EngineStats:
         engine = self.engine
@@ -188,21 +246,17 @@ class Simulation:
         horizon = arrivals[-1] if arrivals else 0.0
         next_req = 0
         n = len(self.requests)
-        self._apply_policy()
-        while next_req < n or self.engine.has_work():
+        while next_req < n or self.engine.has_work() or self._pending:
             while next_req < n and arrivals[next_req] <= self.now_s:
-                try:
-                    self.engine.submit(self.requests[next_req])
-                except RequestRejectedError:
-                    result.rejected += 1
+                self._arrive(next_req, result)
                 next_req += 1
+            self._apply_policy(result)
             batch = self.engine.schedule() if self.engine.has_work() else None
             if batch is None or batch.tokens == 0:
                 if next_req >= n:
                     raise RuntimeError("engine stalled with queued work and no arrivals left")
                 self.gpu.run_idle(self.now_s, arrivals[next_req])
                 self.now_s = arrivals[next_req]
-                self._apply_policy()
                 continue
             clock = self.gpu.busy_clock_mhz(self.now_s)
             cost = self.latency.iteration(
@@ -213,11 +267,12 @@ class Simulation:
             end = self.now_s + duration
             outcome = self.engine.complete(batch, self.now_s, end)
             result.record_iteration(outcome, clock, power)
+            self._track(outcome)
             self._last_stats = self._stats(batch, end, duration)
+            self._last_clock = clock
             if self.on_iteration is not None:
                 self.on_iteration(self._iteration_stats(batch, outcome, self._last_stats))
             self.now_s = end
-            self._apply_policy()
             if progress is not None and batch.iteration % 2048 == 0:
                 progress(min(self.now_s / horizon, 1.0) if horizon else 1.0)
         result.finish(
@@ -236,6 +291,7 @@ def simulate(
     requests: Sequence[Request],
     progress: Callable[[float], None] | None = None,
     on_iteration: IterationObserver | None = None,
+    length_predictor: LengthPredictor | None = None,
 ) -> SimulationResult:
-    """Run `requests` through the twin under `policy`."""
-    return Simulation(setup, policy, requests, on_iteration).run(progress)
+    """Run `requests` through the twin under `policy` (gating policies use `length_predictor`)."""
+    return Simulation(setup, policy, requests, on_iteration, length_predictor=length_predictor).run(progress)

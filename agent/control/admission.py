@@ -1,0 +1,112 @@
+"""Admission: which queued requests may enter the engine now (throttLL'eM §3.5).
+
+A queued request is inserted into the scoreboard virtually and admitted only if, with it, the
+projected KV cache fits and every running and admitted request still meets its SLOs at the
+highest clock. Requests are admitted in arrival order (no overtaking), so the answer is a
+prefix of the queue; feasibility only gets harder as the prefix grows, so the longest feasible
+prefix is found by bisection. Requests already beyond saving ("lost": negative slack at max
+clock even before anything is admitted) do not veto admissions; they are served as fast as
+possible instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.control.frequency import IterationTimeModel, Situation, prefill_delay_s, slack_at
+from agent.control.projection import project, remaining_iterations
+from agent.control.scoreboard import ScoreboardView
+from agent.control.slo import RequestSet, SloTargets
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """What the engine can hold (from its statistics and configuration)."""
+
+    kv_blocks: int
+    tokens_per_block: int
+    max_batch_size: int
+    max_num_tokens: int
+
+
+def situation(view: ScoreboardView, admit: int, now_s: float, limits: EngineLimits) -> Situation:
+    """Running requests plus the first `admit` queued ones, projected."""
+    waiting_run = np.isnan(view.run_first_token_s)
+    first = np.concatenate([view.run_first_token_s, np.full(admit, np.nan)])
+    started = np.concatenate([~waiting_run, np.zeros(admit, dtype=bool)])
+    prompt = np.concatenate([view.run_prompt, view.queued_prompt[:admit]])
+    # Requests without a first token will have one (generated = 1) once their prefill runs.
+    generated = np.where(started, np.concatenate([view.run_generated, np.zeros(admit)]), 1)
+    predicted = np.concatenate([view.run_predicted, view.queued_predicted[:admit]])
+    max_tokens = np.concatenate([view.run_max_tokens, view.queued_max_tokens[:admit]])
+    remaining = np.where(started | (predicted > 1), remaining_iterations(generated, predicted, max_tokens), 0)
+    context = prompt + generated
+    requests = RequestSet(
+        arrival_s=np.concatenate([view.run_arrival_s, view.queued_arrival_s[:admit]]),
+        first_token_s=first,
+        generated=generated,
+        remaining=remaining,
+        context_tokens=context,
+    )
+    running_kv = float(np.sum(np.ceil((view.run_prompt + view.run_generated) / limits.tokens_per_block)))
+    return Situation(
+        now_s=now_s,
+        requests=requests,
+        projection=project(context, remaining, limits.tokens_per_block),
+        pending_prefill_tokens=int(prompt[~started].sum()),
+        batch_now=len(view.run_ids),
+        kv_now_blocks=running_kv,
+        max_num_tokens=limits.max_num_tokens,
+    )
+
+
+def lost_requests(
+    model: IterationTimeModel, targets: SloTargets, sit: Situation, correction: np.ndarray
+) -> np.ndarray:
+    """Mask of requests that miss their SLOs even at the highest clock."""
+    top = np.array([len(model.clocks_mhz) - 1])
+    delay = prefill_delay_s(model, sit)
+    return slack_at(model, targets, sit, top, correction, delay)[0] < 0
+
+
+def admissible(
+    model: IterationTimeModel,
+    targets: SloTargets,
+    view: ScoreboardView,
+    now_s: float,
+    limits: EngineLimits,
+    correction: np.ndarray,
+) -> int:
+    """How many queued requests (from the head of the queue) may start now."""
+    room = min(view.queued, limits.max_batch_size - view.running)
+    if room <= 0:
+        return 0
+    base = situation(view, 0, now_s, limits)
+    already_lost = lost_requests(model, targets, base, correction) if view.running else np.zeros(0, bool)
+    # A newcomer whose first-token deadline has already passed is lost too: it must still be
+    # served, so it cannot veto its own admission.
+    newcomer_lost = np.zeros(room, dtype=bool)
+    if targets.ttft_s is not None:
+        newcomer_lost = now_s - view.queued_arrival_s[:room] > (1.0 - targets.margin) * targets.ttft_s
+    top = np.array([len(model.clocks_mhz) - 1])
+
+    def fits(k: int) -> bool:
+        if view.running == 0 and k == 1:
+            return True  # an idle engine always takes the head of the queue
+        sit = situation(view, k, now_s, limits)
+        if sit.projection.kv_peak_blocks > limits.kv_blocks:
+            return False
+        slack = slack_at(model, targets, sit, top, correction, prefill_delay_s(model, sit))[0]
+        judged = np.concatenate([~already_lost, ~newcomer_lost[:k]])
+        return bool(np.all(slack[judged] >= 0))
+
+    lo, hi = 0, room  # invariant: a prefix of lo requests is admissible
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -1,0 +1,90 @@
+"""Project future batch size and KV-cache use, iteration by iteration, from the scoreboard.
+
+Request i holds L_i tokens in the KV cache and will decode for r_i more iterations (its predicted
+total minus what it has generated). At future iteration t it is active while t < r_i. Sorting
+the distinct r values u_1 < u_2 < ... cuts the future into *segments* [u_{k-1}, u_k) in which
+the batch is constant::
+
+    t:      0 ........ u1 ............ u2 ..... u3
+    batch:  n          n - |{r = u1}|   ...
+    KV(t) = sum over active i of ceil((L_i + t) / tpb)  ~  (sum L_i + B t) / tpb + B / 2
+
+so the whole future is described by at most n segments, computed in O(n log n) with prefix
+sums — never one row per future iteration. Segments are merged down to `max_segments` (long
+tails of single requests cost nothing to merge) so that clock checks stay cheap.
+(throttLL'eM §3.4: the paper builds B and KV analytically per iteration.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_MAX_SEGMENTS = 48
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """The future as segments of constant batch size, plus where each request finishes."""
+
+    end: np.ndarray  # iteration index (exclusive) where each segment ends, ascending
+    length: np.ndarray  # iterations in each segment
+    batch: np.ndarray  # requests decoding during the segment
+    kv_blocks: np.ndarray  # KV blocks in use at the segment's midpoint
+    kv_peak_blocks: float  # highest KV use over the whole projection
+    finish_segment: np.ndarray  # per request (input order): the segment whose end it finishes at
+
+
+def remaining_iterations(generated: np.ndarray, predicted: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
+    """Decode iterations left per request.
+
+    A request that has outlived its prediction falls back to its max_tokens, as the paper
+    does: the only safe bound left.
+    """
+    predicted_left = predicted - generated
+    return np.where(predicted_left >= 1, predicted_left, np.maximum(max_tokens - generated, 1))
+
+
+def project(
+    context_tokens: np.ndarray,
+    remaining: np.ndarray,
+    tokens_per_block: int,
+    max_segments: int = DEFAULT_MAX_SEGMENTS,
+) -> Projection:
+    """Segments of the future for requests with `context_tokens` cached and `remaining` iterations."""
+    n = len(remaining)
+    if n == 0:
+        empty = np.zeros(0)
+        return Projection(empty, empty, empty, empty, 0.0, np.zeros(0, dtype=np.intp))
+    order = np.argsort(remaining, kind="stable")
+    r_sorted = remaining[order].astype(np.float64)
+    l_sorted = context_tokens[order].astype(np.float64)
+    ends = np.unique(r_sorted)
+    if len(ends) > max_segments:
+        # Keep boundaries at evenly spaced ranks: merged segments end where their last request
+        # ends, so finishes are never projected earlier than they happen.
+        ranks = np.unique(np.linspace(0, len(ends) - 1, max_segments).round().astype(np.intp))
+        ends = ends[ranks]
+    starts = np.concatenate([[0.0], ends[:-1]])
+    # Requests still active in segment k are those with r >= its end... except inside merged
+    # segments, where some finish early; counting them as active is the conservative choice.
+    done_before = np.searchsorted(r_sorted, starts, side="right")
+    batch = n - done_before
+    prefix_l = np.concatenate([[0.0], np.cumsum(l_sorted)])
+    active_l = prefix_l[-1] - prefix_l[done_before]
+    mid = (starts + ends) / 2.0
+    kv = (active_l + batch * mid) / tokens_per_block + batch / 2.0
+    # ceil(x) <= x + 1 - 1/tpb: the peak is an upper bound, never an estimate.
+    kv_end = (active_l + batch * ends) / tokens_per_block + batch * (1.0 - 1.0 / tokens_per_block)
+    finish_sorted = np.searchsorted(ends, r_sorted, side="left")
+    finish = np.empty(n, dtype=np.intp)
+    finish[order] = finish_sorted
+    return Projection(
+        end=ends,
+        length=ends - starts,
+        batch=batch.astype(np.float64),
+        kv_blocks=kv,
+        kv_peak_blocks=float(kv_end.max()),
+        finish_segment=finish,
+    )

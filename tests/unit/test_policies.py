@@ -1,0 +1,48 @@
+"""Predictive policies on the twin: they serve every request, and they throttle when there is slack."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.bench.policies import build_policy
+from agent.catalog import gpu_spec, model_spec
+from agent.control.slo import SloTargets
+from agent.twin.simulator import TwinSetup, simulate
+from agent.workloads import synthetic_from_spec
+
+SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"), noise=0.02, seed=3)
+TARGETS = SloTargets(tpot_s=0.1, ttft_s=2.0)
+REQUESTS = synthetic_from_spec("synthetic:poisson:1.5", seed=5, duration_s=40).requests(max_tokens=2048)
+
+
+def run(spec: str):
+    built = build_policy(spec, SETUP, TARGETS, Path("models"))
+    return simulate(SETUP, built.policy, REQUESTS, length_predictor=built.lengths)
+
+
+@pytest.fixture(scope="module")
+def stock():
+    return run("max")
+
+
+@pytest.mark.parametrize("spec", ["throttllem", "oracle", "reactive", "throttllem:noisy:30"])
+def test_policy_serves_everything_and_saves_energy(spec, stock):
+    result = run(spec)
+    summary = result.summary()
+    assert summary["completed"] == len(REQUESTS) and summary["rejected"] == 0
+    assert summary["tokens_out"] == stock.summary()["tokens_out"]
+    assert summary["energy_j"] < 0.9 * stock.energy_j
+    assert summary["mean_clock_mhz"] < 1300
+
+
+@pytest.mark.parametrize("spec", ["throttllem", "oracle"])
+def test_predictive_policies_keep_the_tpot_target_at_light_load(spec):
+    tpot = np.array(run(spec).tpot_s)
+    tpot = tpot[~np.isnan(tpot)]
+    assert np.mean(tpot <= TARGETS.tpot_s) >= 0.97
+
+
+def test_unknown_policy_lists_the_known_ones():
+    with pytest.raises(ValueError, match="throttllem"):
+        build_policy("fastest", SETUP, TARGETS, Path("models"))

@@ -1,0 +1,126 @@
+"""Projection, SLO slack and clock search, checked against brute force."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.control.frequency import Situation, lowest_feasible, prefill_delay_s, slack_at
+from agent.control.projection import project, remaining_iterations
+from agent.control.scoreboard import Scoreboard
+from agent.control.slo import RequestSet, SloTargets
+from agent.domain import Request
+
+
+def brute_force(context: np.ndarray, remaining: np.ndarray, tpb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch and exact KV blocks for every future iteration, one by one."""
+    horizon = int(remaining.max())
+    batch = np.array([(remaining > t).sum() for t in range(horizon)])
+    kv = np.array([np.ceil((context[remaining > t] + t) / tpb).sum() for t in range(horizon)])
+    return batch, kv
+
+
+requests_st = st.lists(st.tuples(st.integers(1, 3000), st.integers(1, 400)), min_size=1, max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(reqs=requests_st, tpb=st.sampled_from([16, 32, 64]))
+def test_segments_reproduce_batch_and_bound_kv(reqs, tpb):
+    context = np.array([c for c, _ in reqs], dtype=float)
+    remaining = np.array([r for _, r in reqs], dtype=float)
+    proj = project(context, remaining, tpb, max_segments=1000)
+    batch, kv = brute_force(context, remaining, tpb)
+    starts = np.concatenate([[0], proj.end[:-1]]).astype(int)
+    for s, e, b in zip(starts, proj.end.astype(int), proj.batch, strict=True):
+        assert np.all(batch[s:e] == b)  # unmerged: the batch is exact in every segment
+    assert proj.kv_peak_blocks >= kv.max() - 1e-9  # the peak is never under-estimated
+    assert proj.kv_peak_blocks <= kv.max() + len(reqs)  # and off by at most half a block each
+    assert proj.length.sum() == remaining.max()
+    # every request finishes at the end of the segment that ends at its last iteration
+    assert np.all(proj.end[proj.finish_segment] == remaining)
+
+
+@settings(max_examples=100, deadline=None)
+@given(reqs=requests_st, segments=st.integers(2, 12))
+def test_merged_segments_are_conservative(reqs, segments):
+    context = np.array([c for c, _ in reqs], dtype=float)
+    remaining = np.array([r for _, r in reqs], dtype=float)
+    proj = project(context, remaining, 64, max_segments=segments)
+    batch, _ = brute_force(context, remaining, 64)
+    starts = np.concatenate([[0], proj.end[:-1]]).astype(int)
+    assert len(proj.end) <= segments
+    for s, e, b in zip(starts, proj.end.astype(int), proj.batch, strict=True):
+        assert np.all(batch[s:e] <= b)  # never fewer requests than there really are
+    assert np.all(proj.end[proj.finish_segment] >= remaining)  # never finishes earlier
+
+
+def test_overrunning_requests_fall_back_to_max_tokens():
+    left = remaining_iterations(np.array([10, 50, 60]), np.array([40, 50, 40]), np.array([100, 100, 100]))
+    assert list(left) == [30, 50, 40]
+
+
+class LinearModel:
+    """Decode time grows with batch and falls with the clock: a known, monotone toy model."""
+
+    clocks_mhz = np.array([600.0, 900.0, 1200.0, 1410.0])
+
+    def decode_s(self, clock_index, batch, kv_blocks):
+        return (
+            (0.01 + 0.0002 * np.asarray(batch) + 1e-6 * np.asarray(kv_blocks))
+            * 1410.0
+            / self.clocks_mhz[clock_index]
+        )
+
+    def prefill_s(self, batch, kv_blocks, prefill_tokens):
+        return 1e-4 * prefill_tokens * 1410.0 / self.clocks_mhz
+
+
+def situation(n: int, rng: np.random.Generator, pending: int = 0) -> Situation:
+    context = rng.integers(100, 2000, n).astype(float)
+    remaining = rng.integers(5, 300, n).astype(float)
+    generated = rng.integers(1, 50, n).astype(float)
+    first = -rng.uniform(0, 5, n)
+    requests = RequestSet(rng.uniform(-20, -5, n), first, generated, remaining, context)
+    return Situation(0.0, requests, project(context, remaining, 64), pending, n, context.sum() / 64, 8192)
+
+
+def test_clock_search_matches_brute_force():
+    rng = np.random.default_rng(0)
+    model = LinearModel()
+    correction = np.ones(4)
+    for trial in range(200):
+        sit = situation(int(rng.integers(1, 40)), rng, pending=int(rng.integers(0, 3000)))
+        targets = SloTargets(tpot_s=float(rng.uniform(0.01, 0.08)), e2e_s=float(rng.uniform(5, 60)))
+        delay = prefill_delay_s(model, sit)
+        brute = [slack_at(model, targets, sit, np.array([i]), correction, delay).min() >= 0 for i in range(4)]
+        expected = next((i for i, ok in enumerate(brute) if ok), None)
+        for bisect in (True, False):
+            assert lowest_feasible(model, targets, sit, correction, bisect=bisect).clock_index == expected, (
+                trial
+            )
+
+
+def test_a_higher_clock_never_has_less_slack():
+    rng = np.random.default_rng(1)
+    model, correction = LinearModel(), np.ones(4)
+    sit = situation(30, rng, pending=500)
+    slack = slack_at(
+        model, SloTargets(tpot_s=0.05, ttft_s=2.0), sit, np.arange(4), correction, prefill_delay_s(model, sit)
+    )
+    assert np.all(np.diff(slack, axis=0) >= -1e-12)
+
+
+def test_scoreboard_tracks_requests():
+    board = Scoreboard(capacity=2)
+    for i in range(5):
+        board.add_queued(Request(i, float(i), 100 + i, 50, 20), predicted_tokens=30)
+    board.admit(0)
+    board.admit(1)
+    board.first_token(0, 1.5)
+    board.decode_step()
+    board.decode_step()
+    board.finish(1)
+    view = board.view()
+    assert list(view.run_ids) == [0] and list(view.run_generated) == [3]
+    assert list(view.queued_ids) == [2, 3, 4]
+    assert view.run_first_token_s[0] == 1.5
+    assert list(view.queued_predicted) == [30, 30, 30]
