@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
+from agent.bench.policies import POLICY_SPECS, build_policy
 from agent.cli.common import (
     add_setup_args,
     add_workload_args,
@@ -19,19 +21,29 @@ from agent.cli.common import (
 )
 from agent.config import Settings
 from agent.control.policies import parse_policy
+from agent.control.slo import SloTargets
 from agent.domain import Request
+from agent.slo_presets import load_slo_preset
 from agent.twin.iteration_stats import IterationStats, to_executor_json, to_triton_stats_json
 from agent.twin.simulator import simulate
 
 ITERATION_STATS_FORMATS = {"executor": to_executor_json, "triton": to_triton_stats_json}
+PREDICTIVE_MAX_TOKENS = 2048  # client max_tokens when a predictive policy runs and none is given
 DEMO_POLICIES = ("max", "static:1305", "static:1200", "static:1050", "static:900")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Replay a trace through the twin under one policy."""
     setup = setup_from_args(args)
-    policy = parse_policy(args.policy, setup.gpu)
-    requests: Sequence[Request] = workload_from_args(args, setup).requests(max_tokens=args.max_tokens)
+    preset = load_slo_preset(args.slo, setup.model.name)
+    targets = SloTargets(
+        tpot_s=preset.tpot_s, ttft_s=preset.ttft_s, e2e_s=preset.slo.e2e_s if preset.slo else None
+    )
+    built = build_policy(args.policy, setup, targets, args.models_dir, seed=args.seed)
+    policy = built.policy
+    # A predictive policy must not learn true lengths from max_tokens: give clients a real cap.
+    cap = args.max_tokens if args.max_tokens is not None or built.lengths is None else PREDICTIVE_MAX_TOKENS
+    requests: Sequence[Request] = workload_from_args(args, setup).requests(max_tokens=cap)
     with ExitStack() as stack:
         observer: Callable[[IterationStats], None] | None = None
         if args.iteration_stats is not None:
@@ -42,8 +54,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 sink.write(render(stats) + "\n")
 
         progress = stack.enter_context(progress_bar(f"simulate {policy.name}", not args.json))
-        summary = simulate(setup, policy, requests, progress, observer).summary()
-    summary.update(gpu=setup.gpu.name, model=setup.model.name, tp=setup.tp, trace=args.trace)
+        result = simulate(setup, policy, requests, progress, observer, length_predictor=built.lengths)
+    summary = result.summary()
+    summary.update(gpu=setup.gpu.name, model=setup.model.name, tp=setup.tp, trace=args.trace, slo=preset.name)
+    summary["slo_attainment"] = result.slo_attainment(preset) if preset.slo is not None else None
     if args.json:
         print_json(summary)
     else:
@@ -95,7 +109,13 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     sim = sub.add_parser("simulate", help="replay a trace through the twin in virtual time")
     add_setup_args(sim)
     add_workload_args(sim)
-    sim.add_argument("--policy", default=settings.policy, help="max | static:<MHz> (default %(default)s)")
+    sim.add_argument("--policy", default=settings.policy, help=f"{POLICY_SPECS} (default %(default)s)")
+    sim.add_argument(
+        "--slo",
+        default="mlperf-server",
+        help="SLO preset in policies/ (mlperf-server, mlperf-interactive, paper) or a TOML path",
+    )
+    sim.add_argument("--models-dir", type=Path, default=settings.models_dir)
     sim.add_argument(
         "--iteration-stats", metavar="FILE", help="write one TRT-LLM iteration-stats record per line"
     )

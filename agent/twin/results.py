@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.domain import Slo
+from agent.slo_presets import SloPreset, meets_slo
 from agent.twin.engine import IterationOutcome
 
 
@@ -87,6 +89,20 @@ class SimulationResult:
     def completed(self) -> int:
         """Requests that produced all their tokens."""
         return len(self.e2e_s)
+
+    def slo_attainment(self, target: SloPreset | Slo) -> float | None:
+        """Share of requests meeting every target of `target`; rejected requests count as misses."""
+        served = self.completed + self.rejected
+        if served == 0:
+            return None
+        met = meets_slo(
+            target,
+            np.asarray(self.ttft_s),
+            np.asarray(self.tpot_s),
+            np.asarray(self.e2e_s),
+            np.asarray(self.output_tokens),
+        )
+        return float(met.sum() / served)
 
     def tbt_percentile_s(self, q: float) -> float | None:
         """Percentile of the gap between consecutive tokens of a request, over all tokens."""

@@ -187,3 +187,12 @@ def test_shipped_models_load_and_pass_parity():
         assert model.card["metrics"]["onnx_max_rel_error"] <= 1e-4
         assert model.card["metrics"]["held_out_90_10"]["r2"] >= 0.98
         assert model.card["features"]["clock_mhz"]["monotone"] == 1
+
+
+def test_simulate_runs_predictive_policies_and_reports_attainment(capsys):
+    stock = run_json(capsys, "simulate", "--duration", "60", "--json")
+    smart = run_json(capsys, "simulate", "--duration", "60", "--policy", "throttllem", "--json")
+    assert stock["slo_attainment"] >= 0.99 and stock["slo"] == "mlperf-server"
+    assert smart["completed"] == stock["completed"]
+    assert smart["energy_j"] < stock["energy_j"]
+    assert 0.0 <= smart["slo_attainment"] <= 1.0
