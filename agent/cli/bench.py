@@ -6,11 +6,15 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from agent.bench.decide import benchmark_decide
+from agent.bench.policies import build_policy
 from agent.bench.predictor import FRESH_SEED_OFFSET, benchmark_predictor
 from agent.cli.common import add_setup_args, flatten, print_figures, print_json, progress_bar, setup_from_args
 from agent.cli.models import PROFILE_NOISE, ips_model_dir
 from agent.config import Settings
-from agent.control.policies import parse_policy
+from agent.control.policies import ThrottllemPolicy, parse_policy
+from agent.control.slo import SloTargets
+from agent.slo_presets import load_slo_preset
 from agent.twin.simulator import simulate
 from agent.workloads import load_trace
 
@@ -54,8 +58,26 @@ def cmd_bench_predictor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_decide(args: argparse.Namespace) -> int:
+    """Latency of one throttllem decision with a full scoreboard."""
+    setup = setup_from_args(args)
+    preset = load_slo_preset("mlperf-server", setup.model.name)
+    targets = SloTargets(tpot_s=preset.tpot_s, ttft_s=preset.ttft_s)
+    figures = {}
+    for bisect in (True, False):
+        built = build_policy("throttllem", setup, targets, args.models_dir)
+        assert isinstance(built.policy, ThrottllemPolicy)
+        built.policy.bisect = bisect
+        key = "bisection" if bisect else "all_clocks"
+        figures[key] = benchmark_decide(
+            built.policy, setup, args.running, args.queued, args.repeats, args.seed
+        )
+    print_json(figures) if args.json else print_figures("decision latency", flatten(figures))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
-    """Add `bench sim` and `bench predictor`."""
+    """Add `bench sim`, `bench predictor` and `bench decide`."""
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bench_sim = bench_sub.add_parser("sim", help="simulator speed on a whole trace at stock clocks")
@@ -74,3 +96,12 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     predictor.add_argument("--rows", type=int, default=5000, help="fresh profile rows to score on")
     predictor.add_argument("--json", action="store_true")
     predictor.set_defaults(func=cmd_bench_predictor)
+
+    decide = bench_sub.add_parser("decide", help="latency of one throttllem decision")
+    add_setup_args(decide)
+    decide.add_argument("--running", type=int, default=256)
+    decide.add_argument("--queued", type=int, default=32)
+    decide.add_argument("--repeats", type=int, default=500)
+    decide.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    decide.add_argument("--json", action="store_true")
+    decide.set_defaults(func=cmd_bench_decide)

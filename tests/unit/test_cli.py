@@ -196,3 +196,9 @@ def test_simulate_runs_predictive_policies_and_reports_attainment(capsys):
     assert smart["completed"] == stock["completed"]
     assert smart["energy_j"] < stock["energy_j"]
     assert 0.0 <= smart["slo_attainment"] <= 1.0
+
+
+def test_bench_decide_reports_latency(capsys):
+    out = run_json(capsys, "bench", "decide", "--running", "64", "--queued", "8", "--repeats", "20", "--json")
+    for search in ("bisection", "all_clocks"):
+        assert out[search]["decide_p50_ms"] > 0 and out[search]["running"] == 64
