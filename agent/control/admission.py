@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.control.frequency import IterationTimeModel, Situation, prefill_delay_s, slack_at
+from agent.control.frequency import IterationTimeModel, PrefillCost, Situation, prefill_delay_s, slack_at
 from agent.control.projection import project, remaining_iterations
 from agent.control.scoreboard import ScoreboardView
 from agent.control.slo import RequestSet, SloTargets
@@ -31,7 +31,15 @@ class EngineLimits:
     max_num_tokens: int
 
 
-def situation(view: ScoreboardView, admit: int, now_s: float, limits: EngineLimits) -> Situation:
+def prefill_cost(model: IterationTimeModel, view: ScoreboardView, limits: EngineLimits) -> PrefillCost:
+    """Prefill pricing for this decision, with the running batch and its KV use."""
+    kv = float(np.sum(np.ceil((view.run_prompt + view.run_generated) / limits.tokens_per_block)))
+    return PrefillCost.probe(model, view.running, kv, limits.max_num_tokens)
+
+
+def situation(
+    view: ScoreboardView, admit: int, now_s: float, prefill: PrefillCost, tokens_per_block: int
+) -> Situation:
     """Running requests plus the first `admit` queued ones, projected."""
     waiting_run = np.isnan(view.run_first_token_s)
     first = np.concatenate([view.run_first_token_s, np.full(admit, np.nan)])
@@ -50,15 +58,12 @@ def situation(view: ScoreboardView, admit: int, now_s: float, limits: EngineLimi
         remaining=remaining,
         context_tokens=context,
     )
-    running_kv = float(np.sum(np.ceil((view.run_prompt + view.run_generated) / limits.tokens_per_block)))
     return Situation(
         now_s=now_s,
         requests=requests,
-        projection=project(context, remaining, limits.tokens_per_block),
+        projection=project(context, remaining, tokens_per_block),
         pending_prefill_tokens=int(prompt[~started].sum()),
-        batch_now=len(view.run_ids),
-        kv_now_blocks=running_kv,
-        max_num_tokens=limits.max_num_tokens,
+        prefill=prefill,
     )
 
 
@@ -67,8 +72,7 @@ def lost_requests(
 ) -> np.ndarray:
     """Mask of requests that miss their SLOs even at the highest clock."""
     top = np.array([len(model.clocks_mhz) - 1])
-    delay = prefill_delay_s(model, sit)
-    return slack_at(model, targets, sit, top, correction, delay)[0] < 0
+    return slack_at(model, targets, sit, top, correction, prefill_delay_s(sit))[0] < 0
 
 
 def admissible(
@@ -78,12 +82,17 @@ def admissible(
     now_s: float,
     limits: EngineLimits,
     correction: np.ndarray,
+    prefill: PrefillCost,
 ) -> int:
-    """How many queued requests (from the head of the queue) may start now."""
+    """How many queued requests (from the head of the queue) may start now.
+
+    The whole queue is tried first (the common case at moderate load), then bisection.
+    """
     room = min(view.queued, limits.max_batch_size - view.running)
     if room <= 0:
         return 0
-    base = situation(view, 0, now_s, limits)
+    tpb = limits.tokens_per_block
+    base = situation(view, 0, now_s, prefill, tpb)
     already_lost = lost_requests(model, targets, base, correction) if view.running else np.zeros(0, bool)
     # A newcomer whose first-token deadline has already passed is lost too: it must still be
     # served, so it cannot veto its own admission.
@@ -95,14 +104,16 @@ def admissible(
     def fits(k: int) -> bool:
         if view.running == 0 and k == 1:
             return True  # an idle engine always takes the head of the queue
-        sit = situation(view, k, now_s, limits)
+        sit = situation(view, k, now_s, prefill, tpb)
         if sit.projection.kv_peak_blocks > limits.kv_blocks:
             return False
-        slack = slack_at(model, targets, sit, top, correction, prefill_delay_s(model, sit))[0]
+        slack = slack_at(model, targets, sit, top, correction, prefill_delay_s(sit))[0]
         judged = np.concatenate([~already_lost, ~newcomer_lost[:k]])
         return bool(np.all(slack[judged] >= 0))
 
-    lo, hi = 0, room  # invariant: a prefix of lo requests is admissible
+    if fits(room):
+        return room
+    lo, hi = 0, room - 1  # invariant: a prefix of lo requests is admissible
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if fits(mid):

@@ -19,6 +19,8 @@ import numpy as np
 from agent.control.projection import Projection
 from agent.control.slo import RequestSet, SloTargets, slack_s
 
+PROBE_SMALL_TOKENS = 256  # small prefill probe; with max_num_tokens it fixes the prefill line
+
 
 class IterationTimeModel(Protocol):
     """Predicted seconds per engine iteration at each candidate clock."""
@@ -38,6 +40,45 @@ class IterationTimeModel(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillCost:
+    """Per clock, the time of a prefill iteration as a line through two probes of the model.
+
+    Prefill time grows about linearly with its tokens; probing the model twice per decision
+    (a small and a full chunk) prices any number of pending prompt tokens without further
+    model calls.
+    """
+
+    small_tokens: int
+    small_s: np.ndarray  # per clock
+    full_tokens: int  # max_num_tokens: the largest chunk an iteration takes
+    full_s: np.ndarray  # per clock
+
+    @classmethod
+    def probe(
+        cls, model: IterationTimeModel, batch: int, kv_blocks: float, max_num_tokens: int
+    ) -> PrefillCost:
+        """Ask the model for a small and a full prefill iteration at every clock."""
+        small = min(PROBE_SMALL_TOKENS, max_num_tokens)
+        return cls(
+            small,
+            model.prefill_s(batch, kv_blocks, small),
+            max_num_tokens,
+            model.prefill_s(batch, kv_blocks, max_num_tokens),
+        )
+
+    def delay_s(self, pending_tokens: int) -> np.ndarray:
+        """Time to prefill `pending_tokens`: full chunks, then the rest, every decode stalled."""
+        if pending_tokens <= 0:
+            return np.zeros_like(self.full_s)
+        full, rest = divmod(pending_tokens, self.full_tokens)
+        delay = full * self.full_s
+        if rest:
+            slope = (self.full_s - self.small_s) / max(self.full_tokens - self.small_tokens, 1)
+            delay = delay + np.maximum(self.small_s + slope * (rest - self.small_tokens), 0.0)
+        return delay
+
+
+@dataclass(frozen=True, slots=True)
 class Situation:
     """Everything a clock check needs besides the clock."""
 
@@ -45,19 +86,12 @@ class Situation:
     requests: RequestSet
     projection: Projection
     pending_prefill_tokens: int  # prompt tokens not yet processed (queued and mid-prefill)
-    batch_now: int
-    kv_now_blocks: float
-    max_num_tokens: int
+    prefill: PrefillCost
 
 
-def prefill_delay_s(model: IterationTimeModel, situation: Situation) -> np.ndarray:
+def prefill_delay_s(situation: Situation) -> np.ndarray:
     """Per clock: time spent on pending prefills before decoding resumes."""
-    pending = situation.pending_prefill_tokens
-    if pending <= 0:
-        return np.zeros(len(model.clocks_mhz))
-    chunk = min(pending, situation.max_num_tokens)
-    per_iteration = model.prefill_s(situation.batch_now, situation.kv_now_blocks, chunk)
-    return per_iteration * math.ceil(pending / situation.max_num_tokens)
+    return situation.prefill.delay_s(situation.pending_prefill_tokens)
 
 
 def slack_at(
@@ -99,7 +133,7 @@ def lowest_feasible(
     n = len(model.clocks_mhz)
     if len(situation.requests) == 0:
         return ClockChoice(0, math.inf, 0)
-    delay = prefill_delay_s(model, situation)
+    delay = prefill_delay_s(situation)
     if not bisect:
         slack = slack_at(model, targets, situation, np.arange(n), correction, delay).min(axis=1)
         ok = np.flatnonzero(slack >= 0)

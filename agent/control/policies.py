@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.control.admission import EngineLimits, admissible, lost_requests, situation
+from agent.control.admission import EngineLimits, admissible, lost_requests, prefill_cost, situation
 from agent.control.frequency import IterationTimeModel, lowest_feasible
 from agent.control.guard import (
     DEFAULT_GUARD_CONFIG,
@@ -204,12 +204,13 @@ class ThrottllemPolicy:
             return Decision(sm_clock_mhz=None)
         self._observe(view)
         corr = self._corrections() * self._prefill_stretch(board, view.now_s)
-        admit = admissible(self.model, self.targets, board, view.now_s, limits, corr)
+        prefill = prefill_cost(self.model, board, limits)
+        admit = admissible(self.model, self.targets, board, view.now_s, limits, corr, prefill)
         if board.running + admit == 0:
             self.guard = transition(self.guard, TimePassed(view.now_s))
             self.last_min_slack_s = None
             return Decision(sm_clock_mhz=None)
-        sit = situation(board, admit, view.now_s, limits)
+        sit = situation(board, admit, view.now_s, prefill, limits.tokens_per_block)
         lost = lost_requests(self.model, self.targets, sit, corr)
         choice = lowest_feasible(self.model, self.targets, sit, corr, self.bisect) if not lost.any() else None
         proposed = (

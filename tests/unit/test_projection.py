@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.control.frequency import Situation, lowest_feasible, prefill_delay_s, slack_at
+from agent.control.frequency import PrefillCost, Situation, lowest_feasible, prefill_delay_s, slack_at
 from agent.control.projection import project, remaining_iterations
 from agent.control.scoreboard import Scoreboard
 from agent.control.slo import RequestSet, SloTargets
@@ -80,7 +80,13 @@ def situation(n: int, rng: np.random.Generator, pending: int = 0) -> Situation:
     generated = rng.integers(1, 50, n).astype(float)
     first = -rng.uniform(0, 5, n)
     requests = RequestSet(rng.uniform(-20, -5, n), first, generated, remaining, context)
-    return Situation(0.0, requests, project(context, remaining, 64), pending, n, context.sum() / 64, 8192)
+    return Situation(
+        0.0,
+        requests,
+        project(context, remaining, 64),
+        pending,
+        PrefillCost.probe(LinearModel(), n, 0.0, 8192),
+    )
 
 
 def test_clock_search_matches_brute_force():
@@ -90,7 +96,7 @@ def test_clock_search_matches_brute_force():
     for trial in range(200):
         sit = situation(int(rng.integers(1, 40)), rng, pending=int(rng.integers(0, 3000)))
         targets = SloTargets(tpot_s=float(rng.uniform(0.01, 0.08)), e2e_s=float(rng.uniform(5, 60)))
-        delay = prefill_delay_s(model, sit)
+        delay = prefill_delay_s(sit)
         brute = [slack_at(model, targets, sit, np.array([i]), correction, delay).min() >= 0 for i in range(4)]
         expected = next((i for i, ok in enumerate(brute) if ok), None)
         for bisect in (True, False):
@@ -104,7 +110,7 @@ def test_a_higher_clock_never_has_less_slack():
     model, correction = LinearModel(), np.ones(4)
     sit = situation(30, rng, pending=500)
     slack = slack_at(
-        model, SloTargets(tpot_s=0.05, ttft_s=2.0), sit, np.arange(4), correction, prefill_delay_s(model, sit)
+        model, SloTargets(tpot_s=0.05, ttft_s=2.0), sit, np.arange(4), correction, prefill_delay_s(sit)
     )
     assert np.all(np.diff(slack, axis=0) >= -1e-12)
 
