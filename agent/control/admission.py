@@ -20,6 +20,8 @@ from agent.control.projection import project, remaining_iterations
 from agent.control.scoreboard import ScoreboardView
 from agent.control.slo import RequestSet, SloTargets
 
+URGENT_TTFT_SHARE = 0.5  # a queued request that has waited this share of its TTFT budget no longer waits
+
 
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
@@ -94,11 +96,12 @@ def admissible(
     tpb = limits.tokens_per_block
     base = situation(view, 0, now_s, prefill, tpb)
     already_lost = lost_requests(model, targets, base, correction) if view.running else np.zeros(0, bool)
-    # A newcomer whose first-token deadline has already passed is lost too: it must still be
-    # served, so it cannot veto its own admission.
+    # A newcomer that has used up half of its first-token budget waiting is admitted whatever its
+    # own projected slack: holding it longer can only make it miss its TTFT.
     newcomer_lost = np.zeros(room, dtype=bool)
     if targets.ttft_s is not None:
-        newcomer_lost = now_s - view.queued_arrival_s[:room] > (1.0 - targets.margin) * targets.ttft_s
+        waited = now_s - view.queued_arrival_s[:room]
+        newcomer_lost = waited > URGENT_TTFT_SHARE * (1.0 - targets.margin) * targets.ttft_s
     top = np.array([len(model.clocks_mhz) - 1])
 
     def fits(k: int) -> bool:

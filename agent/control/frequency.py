@@ -109,8 +109,7 @@ def slack_at(
     seg_s = seg_s * np.asarray(correction)[np.asarray(clock_index)][:, None]
     cumulative = np.cumsum(seg_s, axis=1)
     start = situation.now_s + delay_s[np.asarray(clock_index)][:, None]
-    finish = start + cumulative[:, proj.finish_segment]
-    return slack_s(targets, situation.requests, start, finish)
+    return slack_s(targets, situation.requests, start, cumulative, proj.end, proj.finish_segment)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,11 @@
 
 A request's targets (throttLL'eM §3.5, MLPerf's TTFT/TPOT):
 - TTFT: first token by arrival + ttft_s (only for requests still waiting for their first token);
-- TPOT: mean time per output token after the first, (finish - first) / (total - 1) <= tpot_s,
-  i.e. finish by first + tpot_s * (total - 1) — the paper's "mean TBT" SLO;
+- TPOT: mean time per output token after the first, (finish - first) / (total - 1) <= tpot_s —
+  the paper's "mean TBT" SLO. Checked not only at the predicted finish but at every segment end
+  before it: a request predicted to be long may stop early, and its TPOT is then averaged over
+  fewer tokens. With f_k = tpot * end_k - elapsed_k this is one prefix minimum per clock, so
+  robustness to over-predicted lengths costs nothing extra;
 - E2E: finish by arrival + e2e_s when the preset sets one.
 Slack is the least margin over the targets that apply; negative slack means a miss. `margin`
 keeps a fraction of every budget in reserve for model error.
@@ -41,18 +44,31 @@ class RequestSet:
 
 
 def slack_s(
-    targets: SloTargets, requests: RequestSet, first_token_at_s: np.ndarray, finish_at_s: np.ndarray
+    targets: SloTargets,
+    requests: RequestSet,
+    start_s: np.ndarray,
+    elapsed_s: np.ndarray,
+    segment_end: np.ndarray,
+    finish_segment: np.ndarray,
 ) -> np.ndarray:
-    """Least slack per request and candidate: arrays broadcast as (clocks, requests)."""
+    """Least slack per (clock, request).
+
+    `start_s` (clocks x 1) is when decoding resumes (after pending prefills, which also bring the
+    first token of requests still waiting for it); `elapsed_s` (clocks x segments) is the decode
+    time from there to each segment end; request i finishes at segment `finish_segment[i]`.
+    """
     keep = 1.0 - targets.margin
-    first = np.where(np.isnan(requests.first_token_s), first_token_at_s, requests.first_token_s)
-    total = requests.generated + requests.remaining
-    tpot_budget = keep * targets.tpot_s * np.maximum(total - 1, 0)
-    slack = first + tpot_budget - finish_at_s
+    budget = keep * targets.tpot_s
+    first = np.where(np.isnan(requests.first_token_s), start_s, requests.first_token_s)
+    # TPOT if the request stopped at the end of segment k: first + budget * (g + end_k - 1) must
+    # reach start + elapsed_k, for every k up to its finish.
+    tightest = np.minimum.accumulate(budget * segment_end[None, :] - elapsed_s, axis=1)
+    slack = first + budget * (requests.generated - 1) - start_s + tightest[:, finish_segment]
+    finish = start_s + elapsed_s[:, finish_segment]
     if targets.ttft_s is not None:
         waiting = np.isnan(requests.first_token_s)
         ttft = requests.arrival_s + keep * targets.ttft_s - first
         slack = np.where(waiting, np.minimum(slack, ttft), slack)
     if targets.e2e_s is not None:
-        slack = np.minimum(slack, requests.arrival_s + keep * targets.e2e_s - finish_at_s)
+        slack = np.minimum(slack, requests.arrival_s + keep * targets.e2e_s - finish)
     return slack
