@@ -15,11 +15,9 @@ the limit leaks the true length nor any request is cut.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
-import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -28,12 +26,15 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
-import onnx
-import onnxmltools
-import onnxruntime as ort
 
 from agent.domain import Request
-from agent.modeling.onnx_export import PARITY_MAX_REL_ERROR, export_onnx, onnx_parity, onnx_predict
+from agent.modeling.onnx_export import (
+    PARITY_MAX_REL_ERROR,
+    export_onnx,
+    onnx_parity,
+    onnx_predict,
+    provenance,
+)
 from agent.predict.lengths import (
     LENGTH_FEATURES,
     LearnedPredictor,
@@ -204,15 +205,7 @@ def train_length_model(
             {"class": label, "trace": trace, "file": SHIPPED_TRACES[trace], "sha256": _sha256(trace)}
             for label, trace in CLASS_TRACES.items()
         ],
-        "versions": {
-            "python": platform.python_version(),
-            "lightgbm": lgb.__version__,
-            "onnxmltools": onnxmltools.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "numpy": np.__version__,
-        },
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **provenance(),
     }
     _write(out_dir, card)  # the learned predictor below loads it
 

@@ -7,7 +7,10 @@ the converter's default is a random UUID, which would make regenerated files dif
 
 from __future__ import annotations
 
+import datetime
+import platform
 from pathlib import Path
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
@@ -56,3 +59,18 @@ def onnx_parity(model: lgb.LGBMRegressor, path: Path, x: np.ndarray, exp_output:
     """Largest relative difference between onnxruntime and LightGBM on rows `x`."""
     lgb_pred = np.exp(model.predict(x)) if exp_output else model.predict(x)
     return float(np.max(np.abs(onnx_predict(path, x) - lgb_pred) / np.abs(lgb_pred)))
+
+
+def provenance() -> dict[str, Any]:
+    """The `versions` and `created` entries every model card carries."""
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "lightgbm": lgb.__version__,
+            "onnxmltools": onnxmltools.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+        },
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }

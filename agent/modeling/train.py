@@ -17,21 +17,16 @@ variants are scored on the same split and reported in the card.
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightgbm as lgb
 import numpy as np
-import onnx
-import onnxmltools
-import onnxruntime as ort
 
 from agent.domain import IPS_FEATURES
-from agent.modeling.onnx_export import PARITY_MAX_REL_ERROR, export_onnx, onnx_parity
+from agent.modeling.onnx_export import PARITY_MAX_REL_ERROR, export_onnx, onnx_parity, provenance
 
 PHYSICAL = {"tp": 0, "batch": -1, "kv_blocks": -1, "clock_mhz": 1, "prefill_tokens": -1}
 CONSTRAINTS = {
@@ -187,15 +182,7 @@ def train_ips_model(
         },
         "model": {"trees": int(model.booster_.num_trees()), **asdict(cfg)},
         "data": data,
-        "versions": {
-            "python": platform.python_version(),
-            "lightgbm": lgb.__version__,
-            "onnxmltools": onnxmltools.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "numpy": np.__version__,
-        },
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **provenance(),
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
