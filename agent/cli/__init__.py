@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from agent.cli import bench, models, simulate, twin
+from agent.cli import bench, models, replay, simulate, twin
 from agent.cli.common import CliError, stderr
 from agent.config import load_settings
 
-COMMAND_GROUPS = (simulate, twin, models, bench)
+COMMAND_GROUPS = (simulate, replay, twin, models, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

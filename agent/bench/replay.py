@@ -1,0 +1,349 @@
+"""Policy replays: clock policies side by side on the same arrivals, at loads relative to `max`'s peak.
+
+Every policy sees the same requests: the trace window, scaled once per load, with one client
+`max_tokens` for all (a predictive policy must not learn true lengths from it, and `max` must not
+get a tighter KV reservation under `guaranteed_no_evict` than the policies it is compared with).
+
+Peak load is the highest rate scale at which `max` still meets the SLO preset (attainment at least
+the preset's `percentile`, 99% for the shipped presets). The search starts at the engine's capacity
+(the window compressed to the completion rate of a saturated `max` run, `agent.twin.capacity`),
+brackets by factors of 2, then bisects in log space. Attainment is not strictly monotone in the
+rate, so the result is a boundary the search found, known to within the last bracket.
+
+A preset whose E2E target is "the p99 E2E of `max` under saturating load" (the paper's) is made
+concrete by running `max` with the window arriving at that capacity rate — a measurement that does
+not depend on the peak, which itself needs the E2E target — and passing its p99 to `resolve_e2e`.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bench.policies import BuiltPolicy, build_policy
+from agent.bench.report import RunRecord
+from agent.control.policies import MaxPolicy
+from agent.control.slo import SloTargets
+from agent.domain import Request, Slo
+from agent.slo_presets import SloPreset, resolve_e2e
+from agent.twin.capacity import rate_scale_for_load
+from agent.twin.results import SimulationResult
+from agent.twin.simulator import TwinSetup, simulate
+from agent.workloads import Workload
+
+Progress = Callable[[float], None]
+ProgressBars = Callable[[str], AbstractContextManager[Progress]]  # a labelled bar per phase
+LENGTH_PREDICTING = "throttllem"  # the policy whose length predictor a length error replaces
+BRACKET_FACTOR = 2.0
+BISECTIONS = 4  # narrows a factor-2 bracket to 2 ** (1 / 16), about 4.4%
+MAX_BRACKET_PROBES = 10  # up to 2 ** 9 either side of the capacity rate
+MEASURED_E2E = "max-p99-saturated"  # the E2E rule whose target is measured here
+
+
+def _ignore(_fraction: float) -> None:
+    """Progress sink for callers that show none."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySlo:
+    """The SLO a replay holds every policy to, with any measured E2E target resolved."""
+
+    preset: SloPreset
+    target: SloPreset | Slo  # what attainment is measured against
+    targets: SloTargets  # what the predictive policies aim for
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved targets, for the report's meta."""
+        return {
+            "preset": self.preset.name,
+            "source": self.preset.source,
+            "percentile": self.preset.percentile,
+            "e2e_rule": self.preset.e2e_rule,
+            "ttft_s": self.targets.ttft_s,
+            "tpot_s": self.targets.tpot_s,
+            "e2e_s": self.targets.e2e_s,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One `max` run of the peak search."""
+
+    rate_scale: float
+    attainment: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeakSearch:
+    """The highest rate scale found at which `max` meets the SLO, and how it was found."""
+
+    rate_scale: float
+    probes: tuple[Probe, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRun:
+    """One policy run per load: a policy spec and the length error it stands for."""
+
+    spec: str
+    length_error: float | None  # p95 length-prediction error in %; None: the policy's own lengths
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """Everything one replay needs besides where progress goes."""
+
+    setup: TwinSetup
+    workload: Workload  # the trace window at its own rate
+    trace: str  # the trace's name in the report
+    preset: SloPreset
+    plan: tuple[PlannedRun, ...]
+    loads: tuple[float, ...]  # fractions of the peak rate scale; empty when rate_scale is set
+    rate_scale: float | None  # run at this scale of the trace's rate instead of searching the peak
+    max_tokens: int  # client max_tokens of every request
+    models_dir: Path
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOutcome:
+    """The runs and the measurements they were scaled and judged by."""
+
+    runs: tuple[RunRecord, ...]
+    slo: ReplaySlo
+    capacity_rate_scale: float  # the window at a saturated max engine's completion rate
+    peak: PeakSearch | None  # None: the rate scale was given
+
+    def meta(self) -> dict[str, Any]:
+        """What the report records about the replay's measurements."""
+        return {
+            "slo": self.slo.describe(),
+            "capacity_rate_scale": self.capacity_rate_scale,
+            "peak_rate_scale": None if self.peak is None else self.peak.rate_scale,
+            "peak_search": None
+            if self.peak is None
+            else [{"rate_scale": p.rate_scale, "attainment": p.attainment} for p in self.peak.probes],
+        }
+
+
+def length_error_spec(error_pct: float) -> str:
+    """The throttllem spec whose length predictor errs by `error_pct` (0: true lengths)."""
+    return f"{LENGTH_PREDICTING}:oracle" if error_pct == 0 else f"{LENGTH_PREDICTING}:noisy:{error_pct:g}"
+
+
+def plan_runs(policies: Sequence[str], length_errors: Sequence[float]) -> tuple[PlannedRun, ...]:
+    """One run per policy, and one per length error for plain `throttllem`.
+
+    Policies that predict no lengths run once and serve every length-error group of the report.
+    """
+    if not policies:
+        raise ValueError("no policies to replay")
+    for name, values in (("policies", policies), ("length errors", length_errors)):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise ValueError(f"{name} given more than once: {', '.join(repeated)}")
+    bad = [e for e in length_errors if not (math.isfinite(e) and e >= 0)]
+    if bad:
+        raise ValueError(f"length errors must be percentages >= 0, got {bad}")
+    plan: list[PlannedRun] = []
+    for spec in policies:
+        name, _, predictor = spec.partition(":")
+        if name != LENGTH_PREDICTING or not length_errors:
+            plan.append(PlannedRun(spec, None))
+        elif predictor:
+            raise ValueError(
+                f"policy {spec!r} names its own length predictor, but length errors replace "
+                f"throttllem's predictor: list plain {LENGTH_PREDICTING!r}"
+            )
+        else:
+            plan += [PlannedRun(length_error_spec(e), e) for e in length_errors]
+    return tuple(plan)
+
+
+def capacity_rate_scale(setup: TwinSetup, workload: Workload, max_tokens: int) -> float:
+    """The rate scale at which the window arrives as fast as a saturated `max` engine completes it."""
+    return rate_scale_for_load(setup, workload.requests(max_tokens=max_tokens), 1.0)
+
+
+def run_max(
+    setup: TwinSetup, workload: Workload, rate_scale: float, max_tokens: int, progress: Progress = _ignore
+) -> SimulationResult:
+    """`max` (stock clocks) on the window at `rate_scale` times its rate."""
+    requests = workload.scale_rate(rate_scale).requests(max_tokens=max_tokens)
+    return simulate(setup, MaxPolicy(), requests, progress)
+
+
+def saturated_p99_e2e_s(
+    setup: TwinSetup,
+    workload: Workload,
+    saturation_scale: float,
+    max_tokens: int,
+    progress: Progress = _ignore,
+) -> float:
+    """p99 E2E of `max` with the window arriving at `saturation_scale` times its rate."""
+    p99 = run_max(setup, workload, saturation_scale, max_tokens, progress).summary()["e2e_p99_s"]
+    if p99 is None:
+        raise ValueError("max completed no request under saturating load: no p99 E2E to set the target")
+    return float(p99)
+
+
+def replay_slo(preset: SloPreset, p99_e2e_s: float | None = None) -> ReplaySlo:
+    """The preset made concrete; a measured E2E target takes `p99_e2e_s` (see `saturated_p99_e2e_s`)."""
+    if preset.e2e_rule != MEASURED_E2E:
+        return ReplaySlo(preset, preset, SloTargets(tpot_s=preset.tpot_s, ttft_s=preset.ttft_s))
+    if p99_e2e_s is None:
+        raise ValueError(f"SLO preset {preset.name!r} needs the p99 E2E of max under saturating load")
+    slo = resolve_e2e(preset, p99_e2e_s)
+    return ReplaySlo(preset, slo, SloTargets(tpot_s=slo.tbt_s, ttft_s=slo.ttft_s, e2e_s=slo.e2e_s))
+
+
+def find_peak(
+    setup: TwinSetup,
+    workload: Workload,
+    slo: ReplaySlo,
+    start_scale: float,
+    max_tokens: int,
+    progress: Progress = _ignore,
+) -> PeakSearch:
+    """The highest rate scale at which `max` meets the SLO: bracket from `start_scale`, then bisect."""
+    need = slo.preset.percentile / 100.0
+    probes: list[Probe] = []
+
+    def meets(scale: float, left: int) -> bool:
+        """Run `max` at `scale`; `left` is how many probes are expected after this one."""
+        done = len(probes)
+        result = run_max(
+            setup, workload, scale, max_tokens, lambda f: progress((done + f) / (done + 1 + left))
+        )
+        attainment = result.slo_attainment(slo.target)
+        probes.append(Probe(scale, math.nan if attainment is None else attainment))
+        return probes[-1].attainment >= need
+
+    lo: float | None = None
+    hi: float | None = None
+    scale = start_scale
+    for _ in range(MAX_BRACKET_PROBES):
+        if meets(scale, BISECTIONS + (0 if probes else 1)):
+            lo = scale
+        else:
+            hi = scale
+        if lo is not None and hi is not None:
+            break
+        scale = scale * BRACKET_FACTOR if hi is None else scale / BRACKET_FACTOR
+    if hi is None:
+        raise ValueError(
+            f"max meets the {slo.preset.name} SLO up to {lo:g}x the trace's rate: the window is too "
+            "short to find a peak; widen it or give the rate scale"
+        )
+    if lo is None:
+        raise ValueError(
+            f"max misses the {slo.preset.name} SLO even at {hi:g}x the trace's rate: the targets are "
+            "out of this engine's reach"
+        )
+    for i in range(BISECTIONS):
+        mid = math.sqrt(lo * hi)
+        if meets(mid, BISECTIONS - 1 - i):
+            lo = mid
+        else:
+            hi = mid
+    return PeakSearch(lo, tuple(probes))
+
+
+def run_policy(
+    built: BuiltPolicy,
+    setup: TwinSetup,
+    requests: Sequence[Request],
+    slo: ReplaySlo,
+    *,
+    trace: str,
+    load: float | None,
+    length_error: float | None,
+    rate_scale: float,
+    progress: Progress = _ignore,
+) -> RunRecord:
+    """One policy on the requests, as the report's record of it."""
+    result = simulate(setup, built.policy, requests, progress, length_predictor=built.lengths)
+    summary = result.summary()
+    summary["rate_scale"] = rate_scale
+    summary["slo_attainment"] = result.slo_attainment(slo.target)
+    return RunRecord(
+        policy=result.policy,
+        trace=trace,
+        load=load,
+        length_error=length_error,
+        summary=summary,
+        time_s=np.asarray(result.iteration_end_s),
+        clock_mhz=np.asarray(result.clock_mhz),
+        power_w=np.asarray(result.power_w),
+        # An iteration is one token gap for each token it decodes; a resumed request's gap is its own.
+        tbt_s=np.concatenate([np.asarray(result.iteration_s, float), np.asarray(result.extra_gaps_s, float)]),
+        tbt_weight=np.concatenate(
+            [np.asarray(result.decode_tokens, float), np.ones(len(result.extra_gaps_s))]
+        ),
+        tbt_target_s=slo.preset.tpot_s,
+    )
+
+
+def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
+    """Measure what the SLO and the loads need, then run every planned policy at every load."""
+    setup, workload, cap, preset = config.setup, config.workload, config.max_tokens, config.preset
+    with bars("capacity: max, saturated") as progress:
+        capacity = capacity_rate_scale(setup, workload, cap)
+        progress(1.0)
+    p99: float | None = None
+    if preset.e2e_rule == MEASURED_E2E:
+        with bars("E2E target: max at capacity") as progress:
+            p99 = saturated_p99_e2e_s(setup, workload, capacity, cap, progress)
+    slo = replay_slo(preset, p99)
+
+    def build(run: PlannedRun) -> BuiltPolicy:
+        return build_policy(run.spec, setup, slo.targets, config.models_dir, seed=config.seed)
+
+    # Build the first load's policies before any long run, so a bad spec or a missing model fails
+    # fast; later loads get fresh ones, since policies keep state.
+    first = [build(run) for run in config.plan]
+    peak: PeakSearch | None = None
+    if config.rate_scale is None:
+        with bars("peak search: max") as progress:
+            peak = find_peak(setup, workload, slo, capacity, cap, progress)
+        settings = [(load, load * peak.rate_scale) for load in config.loads]
+    else:
+        settings = [(None, config.rate_scale)]
+    total = len(settings) * len(config.plan)
+    runs: list[RunRecord] = []
+    with bars(f"replay: {total} runs") as progress:
+        for i, (load, scale) in enumerate(settings):
+            requests = workload.scale_rate(scale).requests(max_tokens=cap)
+            for run, built in zip(config.plan, first if i == 0 else map(build, config.plan), strict=True):
+                done = len(runs)
+                record = run_policy(
+                    built,
+                    setup,
+                    requests,
+                    slo,
+                    trace=config.trace,
+                    load=load,
+                    length_error=run.length_error,
+                    rate_scale=scale,
+                    progress=lambda f, done=done: progress((done + f) / total),
+                )
+                runs.append(record)
+    return ReplayOutcome(tuple(runs), slo, capacity, peak)
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide the figures, for the report's meta."""
+    return {
+        "throttllem": version("throttllem"),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": version("onnxruntime"),
+    }

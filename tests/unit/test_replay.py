@@ -1,0 +1,167 @@
+"""`replay`: policies side by side on the same arrivals, the peak search, the measured E2E target."""
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from agent.bench.replay import (
+    BISECTIONS,
+    PlannedRun,
+    capacity_rate_scale,
+    find_peak,
+    plan_runs,
+    replay_slo,
+    saturated_p99_e2e_s,
+)
+from agent.catalog import gpu_spec, model_spec
+from agent.cli import main
+from agent.slo_presets import load_slo_preset
+from agent.twin.simulator import TwinSetup
+from agent.workloads import load_trace
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
+CAP = 2048
+WINDOW = ("--trace", "azure-conv", "--start", "600")
+
+
+def replay_json(*argv: str) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["replay", *WINDOW, *argv, "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def three_policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("replay")
+    argv = ("--duration", "60", "--policies", "max,static:1050,throttllem", "--rate-scale", "1")
+    return replay_json(*argv, "--out", str(out)), out
+
+
+@pytest.fixture(scope="module")
+def tiny_window():
+    return load_trace("azure-conv").window(600, 20)  # about 90 requests
+
+
+def test_replay_writes_results_report_and_plots(three_policies):
+    results, out = three_policies
+    assert json.loads((out / "results.json").read_text()) == results
+    report = (out / "report.md").read_text()
+    for plot in results["groups"][0]["plots"].values():
+        assert (out / plot).read_bytes().startswith(PNG_MAGIC)
+        assert plot in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "policy" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| max", "| static:1050", "| throttllem"]
+
+
+def test_every_policy_replays_the_same_requests_for_different_energy(three_policies):
+    results, _ = three_policies
+    (group,) = results["groups"]
+    assert group["policies"][0] == "max"
+    summaries = [run["summary"] for run in results["runs"]]
+    assert len({s["requests"] for s in summaries}) == 1 and summaries[0]["requests"] > 200
+    assert all(s["completed"] == s["requests"] for s in summaries)
+    assert len({round(s["energy_j"]) for s in summaries}) == 3
+    assert all(0 <= s["slo_attainment"] <= 1 for s in summaries)
+    meta = results["meta"]
+    assert meta["peak_rate_scale"] is None and meta["slo"]["tpot_s"] == 0.1
+    assert meta["arguments"]["policies"] == ["max", "static:1050", "throttllem"]
+    assert meta["wall_seconds"] > 0 and meta["versions"]["throttllem"]
+
+
+def test_length_errors_give_throttllem_one_run_each_and_share_the_baseline(tmp_path):
+    argv = ("--duration", "10", "--policies", "max,throttllem", "--length-error", "0,30", "--rate-scale", "1")
+    results = replay_json(*argv, "--out", str(tmp_path))
+    assert [(r["policy"], r["length_error"]) for r in results["runs"]] == [
+        ("max", None),
+        ("throttllem:oracle", 0.0),
+        ("throttllem:noisy:30", 30.0),
+    ]
+    assert [g["policies"] for g in results["groups"]] == [
+        ["max", "throttllem:oracle"],
+        ["max", "throttllem:noisy:30"],
+    ]
+
+
+def test_plan_runs_expands_only_plain_throttllem():
+    assert plan_runs(["max", "throttllem", "oracle"], [0, 15]) == (
+        PlannedRun("max", None),
+        PlannedRun("throttllem:oracle", 0),
+        PlannedRun("throttllem:noisy:15", 15),
+        PlannedRun("oracle", None),
+    )
+    assert plan_runs(["throttllem:noisy:15"], []) == (PlannedRun("throttllem:noisy:15", None),)
+    for policies, errors in ((["throttllem:oracle"], [15]), (["max", "max"], []), (["max"], [-1]), ([], [])):
+        with pytest.raises(ValueError):
+            plan_runs(policies, errors)
+
+
+def test_peak_search_brackets_then_bisects_to_the_last_passing_scale(tiny_window):
+    slo = replay_slo(load_slo_preset("mlperf-server", "llama3-8b"))
+    start = capacity_rate_scale(SETUP, tiny_window, CAP)
+    peak = find_peak(SETUP, tiny_window, slo, start, CAP)
+    assert len(peak.probes) <= 3 + BISECTIONS
+    passing = {p.rate_scale for p in peak.probes if p.attainment >= 0.99}
+    failing = [p.rate_scale for p in peak.probes if p.attainment < 0.99]
+    assert peak.rate_scale in passing
+    assert (
+        min(f for f in failing if f > peak.rate_scale) <= peak.rate_scale * 2 ** (1 / 2**BISECTIONS) * 1.001
+    )
+
+
+def test_loads_are_fractions_of_the_peak_found(tmp_path):
+    results = replay_json(
+        "--duration", "20", "--policies", "max", "--loads", "0.5,0.9", "--out", str(tmp_path)
+    )
+    peak = results["meta"]["peak_rate_scale"]
+    assert peak > 0 and len(results["meta"]["peak_search"]) >= 2
+    assert [(r["load"], r["summary"]["rate_scale"]) for r in results["runs"]] == [
+        (0.5, pytest.approx(0.5 * peak)),
+        (0.9, pytest.approx(0.9 * peak)),
+    ]
+
+
+def test_paper_preset_takes_its_e2e_from_max_at_saturation(tiny_window, tmp_path):
+    preset = load_slo_preset("paper", "llama3-8b")
+    capacity = capacity_rate_scale(SETUP, tiny_window, CAP)
+    p99 = saturated_p99_e2e_s(SETUP, tiny_window, capacity, CAP)
+    slo = replay_slo(preset, p99)
+    assert math.isfinite(slo.targets.e2e_s) and slo.targets.e2e_s > 0 and slo.target.e2e_s == p99
+    with pytest.raises(ValueError, match="saturating"):
+        replay_slo(preset)
+    results = replay_json(
+        "--duration", "20", "--slo", "paper", "--policies", "max", "--rate-scale", "1", "--out", str(tmp_path)
+    )
+    assert results["meta"]["slo"]["e2e_s"] == pytest.approx(p99)
+    assert results["meta"]["capacity_rate_scale"] == pytest.approx(capacity)
+
+
+def test_unreachable_slo_is_one_error_line(tmp_path, capsys):
+    preset = tmp_path / "tight.toml"
+    preset.write_text(
+        'name = "tight"\nsource = "test"\npercentile = 99\ne2e = "none"\n[models.llama3-8b]\ntpot_s = 0.001\n'
+    )
+    argv = [*WINDOW, "--duration", "5", "--slo", str(preset), "--policies", "max", "--out", str(tmp_path)]
+    assert main(["replay", *argv, "--json"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "misses the tight SLO" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--policies", "max,bogus", "--rate-scale", "1"), "unknown policy 'bogus'"),
+        (("--policies", "max", "--slo", "nope", "--rate-scale", "1"), "unknown SLO preset 'nope'"),
+        (("--model", "llama2-70b", "--gpu", "a100-sxm4-40gb", "--policies", "max"), "does not fit"),
+        (("--policies", "max", "--loads", "0.5", "--rate-scale", "2"), "pass one"),
+    ],
+)
+def test_errors_are_one_line(argv, message, tmp_path, capsys):
+    assert main(["replay", *WINDOW, "--duration", "5", *argv, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
