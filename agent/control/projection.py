@@ -11,7 +11,10 @@ the batch is constant::
 
 so the whole future is described by at most n segments, computed in O(n log n) with prefix
 sums — never one row per future iteration. Segments are merged down to `max_segments` (long
-tails of single requests cost nothing to merge) so that clock checks stay cheap.
+tails of single requests cost nothing to merge) so that clock checks stay cheap. Segments are
+also cut at t = 32, 64, 128, ...: lengths are predictions, so a request may stop early, and the
+TPOT check (slo.py) must see early stopping points even inside one long segment. (Cutting from
+t = 1 made every pending prefill stall look fatal and pinned the clock near max.)
 (throttLL'eM §3.4: the paper builds B and KV analytically per iteration.)
 """
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_MAX_SEGMENTS = 48
+FIRST_CUT_LOG2 = 5  # early stopping points at 32, 64, 128, ... iterations
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,8 @@ def project(
         # ends, so finishes are never projected earlier than they happen.
         ranks = np.unique(np.linspace(0, len(ends) - 1, max_segments).round().astype(np.intp))
         ends = ends[ranks]
+    geometric = 2.0 ** np.arange(FIRST_CUT_LOG2, int(np.log2(max(ends[-1], 1.0))) + 1)
+    ends = np.union1d(ends, geometric[geometric < ends[-1]])
     starts = np.concatenate([[0.0], ends[:-1]])
     # Requests still active in segment k are those with r >= its end... except inside merged
     # segments, where some finish early; counting them as active is the conservative choice.
