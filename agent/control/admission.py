@@ -39,32 +39,50 @@ def prefill_cost(model: IterationTimeModel, view: ScoreboardView, limits: Engine
     return PrefillCost.probe(model, view.running, kv, limits.max_num_tokens)
 
 
-def situation(
-    view: ScoreboardView, admit: int, now_s: float, prefill: PrefillCost, tokens_per_block: int
-) -> Situation:
-    """Running requests plus the first `admit` queued ones, projected."""
-    waiting_run = np.isnan(view.run_first_token_s)
-    first = np.concatenate([view.run_first_token_s, np.full(admit, np.nan)])
-    started = np.concatenate([~waiting_run, np.zeros(admit, dtype=bool)])
-    prompt = np.concatenate([view.run_prompt, view.queued_prompt[:admit]])
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Running requests, then every queued one, as they would be once started (built once per decision)."""
+
+    requests: RequestSet
+    waiting_prompt: np.ndarray  # prompt tokens still to prefill (0 for requests already started)
+    running: int
+
+
+def candidates(view: ScoreboardView) -> Candidates:
+    """Arrays for the running requests followed by the whole queue, in admission order."""
+    queued = view.queued
+    first = np.concatenate([view.run_first_token_s, np.full(queued, np.nan)])
+    started = ~np.isnan(first)
+    prompt = np.concatenate([view.run_prompt, view.queued_prompt])
     # Requests without a first token will have one (generated = 1) once their prefill runs.
-    generated = np.where(started, np.concatenate([view.run_generated, np.zeros(admit)]), 1)
-    predicted = np.concatenate([view.run_predicted, view.queued_predicted[:admit]])
-    max_tokens = np.concatenate([view.run_max_tokens, view.queued_max_tokens[:admit]])
+    generated = np.where(started, np.concatenate([view.run_generated, np.zeros(queued)]), 1)
+    predicted = np.concatenate([view.run_predicted, view.queued_predicted])
+    max_tokens = np.concatenate([view.run_max_tokens, view.queued_max_tokens])
     remaining = np.where(started | (predicted > 1), remaining_iterations(generated, predicted, max_tokens), 0)
-    context = prompt + generated
     requests = RequestSet(
-        arrival_s=np.concatenate([view.run_arrival_s, view.queued_arrival_s[:admit]]),
+        arrival_s=np.concatenate([view.run_arrival_s, view.queued_arrival_s]),
         first_token_s=first,
         generated=generated,
         remaining=remaining,
-        context_tokens=context,
+        context_tokens=prompt + generated,
+    )
+    return Candidates(requests, np.where(started, 0, prompt), view.running)
+
+
+def situation(
+    cands: Candidates, admit: int, now_s: float, prefill: PrefillCost, tokens_per_block: int
+) -> Situation:
+    """Running requests plus the first `admit` queued ones, projected."""
+    n = cands.running + admit
+    r = cands.requests
+    requests = RequestSet(
+        r.arrival_s[:n], r.first_token_s[:n], r.generated[:n], r.remaining[:n], r.context_tokens[:n]
     )
     return Situation(
         now_s=now_s,
         requests=requests,
-        projection=project(context, remaining, tokens_per_block),
-        pending_prefill_tokens=int(prompt[~started].sum()),
+        projection=project(requests.context_tokens, requests.remaining, tokens_per_block),
+        pending_prefill_tokens=int(cands.waiting_prompt[:n].sum()),
         prefill=prefill,
     )
 
@@ -94,7 +112,8 @@ def admissible(
     if room <= 0:
         return 0
     tpb = limits.tokens_per_block
-    base = situation(view, 0, now_s, prefill, tpb)
+    cands = candidates(view)
+    base = situation(cands, 0, now_s, prefill, tpb)
     already_lost = lost_requests(model, targets, base, correction) if view.running else np.zeros(0, bool)
     # A newcomer that has used up half of its first-token budget waiting is admitted whatever its
     # own projected slack: holding it longer can only make it miss its TTFT.
@@ -107,7 +126,7 @@ def admissible(
     def fits(k: int) -> bool:
         if view.running == 0 and k == 1:
             return True  # an idle engine always takes the head of the queue
-        sit = situation(view, k, now_s, prefill, tpb)
+        sit = situation(cands, k, now_s, prefill, tpb)
         if sit.projection.kv_peak_blocks > limits.kv_blocks:
             return False
         slack = slack_at(model, targets, sit, top, correction, prefill_delay_s(sit))[0]

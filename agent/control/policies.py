@@ -14,7 +14,14 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.control.admission import EngineLimits, admissible, lost_requests, prefill_cost, situation
+from agent.control.admission import (
+    EngineLimits,
+    admissible,
+    candidates,
+    lost_requests,
+    prefill_cost,
+    situation,
+)
 from agent.control.frequency import IterationTimeModel, lowest_feasible
 from agent.control.guard import (
     DEFAULT_GUARD_CONFIG,
@@ -210,7 +217,7 @@ class ThrottllemPolicy:
             self.guard = transition(self.guard, TimePassed(view.now_s))
             self.last_min_slack_s = None
             return Decision(sm_clock_mhz=None)
-        sit = situation(board, admit, view.now_s, prefill, limits.tokens_per_block)
+        sit = situation(candidates(board), admit, view.now_s, prefill, limits.tokens_per_block)
         lost = lost_requests(self.model, self.targets, sit, corr)
         choice = lowest_feasible(self.model, self.targets, sit, corr, self.bisect) if not lost.any() else None
         proposed = (

@@ -64,7 +64,7 @@ def project(
     order = np.argsort(remaining, kind="stable")
     r_sorted = remaining[order].astype(np.float64)
     l_sorted = context_tokens[order].astype(np.float64)
-    ends = np.unique(r_sorted)
+    ends = r_sorted[np.concatenate([r_sorted[1:] != r_sorted[:-1], [True]])]  # sorted: unique is a diff
     if len(ends) > max_segments:
         # Keep boundaries at evenly spaced ranks: merged segments end where their last request
         # ends, so finishes are never projected earlier than they happen.
