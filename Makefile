@@ -33,6 +33,7 @@ lint: setup
 bench: setup
 	$(BIN)/throttllem bench sim --json
 	$(BIN)/throttllem bench predictor --json
+	$(BIN)/throttllem bench decide --json
 
 # Regenerates every shipped model from the twin and the traces, reproducibly (fixed seeds).
 models: setup
