@@ -24,6 +24,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from agent.control.slo import SloTargets
 from agent.domain import Slo
 
 E2eRule = Literal["ttft+tpot", "max-p99-saturated", "none"]
@@ -148,6 +149,12 @@ def resolve_e2e(preset: SloPreset, p99_e2e_s: float) -> Slo:
     if not math.isfinite(p99_e2e_s) or p99_e2e_s <= 0:
         raise SloPresetError(f"the measured p99 E2E must be a positive number of seconds, got {p99_e2e_s!r}")
     return Slo(ttft_s=preset.ttft_s, tbt_s=preset.tpot_s, e2e_s=float(p99_e2e_s))
+
+
+def control_targets(preset: SloPreset, resolved: Slo | None = None) -> SloTargets:
+    """What the controller holds requests to: the preset's TTFT/TPOT and, once known, its E2E."""
+    slo = resolved or preset.slo
+    return SloTargets(tpot_s=preset.tpot_s, ttft_s=preset.ttft_s, e2e_s=slo.e2e_s if slo else None)
 
 
 def _slo_of(target: SloPreset | Slo) -> Slo:

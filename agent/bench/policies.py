@@ -12,6 +12,7 @@ from pathlib import Path
 
 from agent.control.policies import Policy, ReactivePolicy, ThrottllemPolicy, parse_policy
 from agent.control.slo import SloTargets
+from agent.modeling.profile import DEFAULT_MIN_CLOCK_MHZ
 from agent.predict.ips import IpsModel
 from agent.predict.lengths import LengthPredictor, OraclePredictor, parse_length_predictor
 from agent.predict.timing import LearnedTimeModel
@@ -19,7 +20,6 @@ from agent.twin.oracle import TwinTimeModel
 from agent.twin.simulator import TwinSetup
 
 POLICY_SPECS = "max | static:<MHz> | reactive | throttllem[:<length predictor>] | oracle"
-MIN_CANDIDATE_MHZ = 600  # lower clocks cost more energy per token than they save (see the twin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ def build_policy(
     gpu = setup.gpu
     if name in ("max", "static"):
         return BuiltPolicy(parse_policy(spec, gpu), None)
-    candidates = tuple(c for c in gpu.sm_clocks_mhz if c >= MIN_CANDIDATE_MHZ)
+    candidates = tuple(c for c in gpu.sm_clocks_mhz if c >= DEFAULT_MIN_CLOCK_MHZ)  # the profiled range
     if name == "reactive":
         return BuiltPolicy(ReactivePolicy(targets, candidates), None)
     limits = (setup.engine.max_batch_size, setup.kv_blocks())

@@ -33,7 +33,7 @@ from agent.bench.report import RunRecord
 from agent.control.policies import MaxPolicy
 from agent.control.slo import SloTargets
 from agent.domain import Request, Slo
-from agent.slo_presets import SloPreset, resolve_e2e
+from agent.slo_presets import SloPreset, control_targets, resolve_e2e
 from agent.twin.capacity import rate_scale_for_load
 from agent.twin.results import SimulationResult
 from agent.twin.simulator import TwinSetup, simulate
@@ -198,11 +198,11 @@ def saturated_p99_e2e_s(
 def replay_slo(preset: SloPreset, p99_e2e_s: float | None = None) -> ReplaySlo:
     """The preset made concrete; a measured E2E target takes `p99_e2e_s` (see `saturated_p99_e2e_s`)."""
     if preset.e2e_rule != MEASURED_E2E:
-        return ReplaySlo(preset, preset, SloTargets(tpot_s=preset.tpot_s, ttft_s=preset.ttft_s))
+        return ReplaySlo(preset, preset, control_targets(preset))
     if p99_e2e_s is None:
         raise ValueError(f"SLO preset {preset.name!r} needs the p99 E2E of max under saturating load")
     slo = resolve_e2e(preset, p99_e2e_s)
-    return ReplaySlo(preset, slo, SloTargets(tpot_s=slo.tbt_s, ttft_s=slo.ttft_s, e2e_s=slo.e2e_s))
+    return ReplaySlo(preset, slo, control_targets(preset, slo))
 
 
 def find_peak(

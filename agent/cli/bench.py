@@ -7,14 +7,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.bench.decide import benchmark_decide
-from agent.bench.policies import build_policy
+from agent.bench.policies import build_policy, ips_model_dir
 from agent.bench.predictor import FRESH_SEED_OFFSET, benchmark_predictor
 from agent.cli.common import add_setup_args, flatten, print_figures, print_json, progress_bar, setup_from_args
-from agent.cli.models import PROFILE_NOISE, ips_model_dir
+from agent.cli.models import PROFILE_NOISE
 from agent.config import Settings
 from agent.control.policies import ThrottllemPolicy, parse_policy
-from agent.control.slo import SloTargets
-from agent.slo_presets import load_slo_preset
+from agent.slo_presets import control_targets, load_slo_preset
 from agent.twin.simulator import simulate
 from agent.workloads import load_trace
 
@@ -62,7 +61,7 @@ def cmd_bench_decide(args: argparse.Namespace) -> int:
     """Latency of one throttllem decision with a full scoreboard."""
     setup = setup_from_args(args)
     preset = load_slo_preset("mlperf-server", setup.model.name)
-    targets = SloTargets(tpot_s=preset.tpot_s, ttft_s=preset.ttft_s)
+    targets = control_targets(preset)
     figures = {}
     for bisect in (True, False):
         built = build_policy("throttllem", setup, targets, args.models_dir)

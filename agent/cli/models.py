@@ -29,11 +29,6 @@ from agent.modeling.train import TrainConfig, train_ips_model
 PROFILE_NOISE = 0.02  # iteration-time jitter of the twin while profiling: models must face noise
 
 
-def ips_model_dir(models_dir: Path, gpu: str, model: str, tp: int) -> Path:
-    """Where the IPS model of one engine configuration lives."""
-    return models_dir / gpu / f"{model}-tp{tp}"
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     """Sweep batch sizes, KV occupancies and clocks; append one row per iteration to --out."""
     target = TwinProfileTarget(setup_from_args(args))

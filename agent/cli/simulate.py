@@ -21,9 +21,8 @@ from agent.cli.common import (
 )
 from agent.config import Settings
 from agent.control.policies import parse_policy
-from agent.control.slo import SloTargets
 from agent.domain import Request
-from agent.slo_presets import load_slo_preset
+from agent.slo_presets import control_targets, load_slo_preset
 from agent.twin.iteration_stats import IterationStats, to_executor_json, to_triton_stats_json
 from agent.twin.simulator import simulate
 
@@ -36,9 +35,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Replay a trace through the twin under one policy."""
     setup = setup_from_args(args)
     preset = load_slo_preset(args.slo, setup.model.name)
-    targets = SloTargets(
-        tpot_s=preset.tpot_s, ttft_s=preset.ttft_s, e2e_s=preset.slo.e2e_s if preset.slo else None
-    )
+    targets = control_targets(preset)
     built = build_policy(args.policy, setup, targets, args.models_dir, seed=args.seed)
     policy = built.policy
     # A predictive policy must not learn true lengths from max_tokens: give clients a real cap.
