@@ -14,21 +14,38 @@ from agent.control.scoreboard import Scoreboard
 from agent.domain import EngineStats, Request
 from agent.twin.simulator import TwinSetup
 
+KV_FILL = 0.7  # share of the KV cache the running requests hold: a busy engine, not an overflowing one
+PROMPT_MEDIAN_TOKENS = 256  # a quarter of the conv trace's median prompt
+ON_TRACK_SHARE = 0.6  # running requests have emitted tokens at this share of the TPOT target
+QUEUE_SPREAD_S = 0.9  # queued requests arrived within this window: none urgent yet (TTFT 2 s)
 
-def full_scoreboard(running: int, queued: int, seed: int) -> Scoreboard:
-    """`running` decoding requests and `queued` waiting ones with conv-like lengths."""
+
+def full_scoreboard(running: int, queued: int, seed: int, kv_tokens: int, tpot_s: float) -> Scoreboard:
+    """A busy engine: `running` healthy decoding requests holding KV_FILL of `kv_tokens`, `queued` fresh.
+
+    Lengths are log-normal like the conv trace's, but prompts are a quarter as long: at this
+    concurrency conv-length prompts would arrive faster than the engine can prefill them, and the
+    decision would rightly give up and run at max clock. Contexts are scaled down further if the
+    batch would not fit the cache. Running requests are on track for their TPOT target, so the
+    decision has a real admission and clock search to do.
+    """
     rng = np.random.default_rng(seed)
-    board = Scoreboard(capacity=running + queued)
-    for i in range(running + queued):
-        prompt = int(rng.lognormal(np.log(1020), 0.77))
-        output = int(rng.lognormal(np.log(129), 0.93)) + 2
-        board.add_queued(
-            Request(i, -float(running + queued - i) / 10, min(prompt, 6000), 2048, output), output
-        )
-        if i < running:
+    total = running + queued
+    prompts = np.minimum(rng.lognormal(np.log(PROMPT_MEDIAN_TOKENS), 0.77, total), 6000)
+    outputs = (rng.lognormal(np.log(129), 0.93, total) + 2).astype(int)
+    generated = (rng.random(running) * outputs[:running]).astype(int)
+    scale = min(1.0, KV_FILL * kv_tokens / max(float(prompts[:running].sum() + generated.sum()), 1.0))
+    prompts = np.maximum(prompts * scale, 1)  # one workload: queued prompts are as short
+    board = Scoreboard(capacity=total)
+    for i in range(total):
+        is_running = i < running
+        first_token = -ON_TRACK_SHARE * tpot_s * generated[i] if is_running else 0.0
+        arrival = first_token - 0.5 if is_running else -QUEUE_SPREAD_S * (total - i) / queued
+        board.add_queued(Request(i, arrival, int(prompts[i]), 2048, int(outputs[i])), int(outputs[i]))
+        if is_running:
             board.admit(i)
-            board.first_token(i, -1.0)
-            board.add_tokens(i, int(rng.integers(0, output)))
+            board.first_token(i, first_token)
+            board.add_tokens(i, int(generated[i]))
     return board
 
 
@@ -36,12 +53,14 @@ def benchmark_decide(
     policy: ThrottllemPolicy, setup: TwinSetup, running: int, queued: int, repeats: int, seed: int
 ) -> dict[str, Any]:
     """p50/p99 of `decide` on a fixed scoreboard (each call starts from the same guard state)."""
-    board = full_scoreboard(running, queued, seed)
     limits = EngineLimits(
         kv_blocks=setup.kv_blocks(),
         tokens_per_block=setup.engine.tokens_per_block,
         max_batch_size=max(setup.engine.max_batch_size, running + queued),
         max_num_tokens=setup.engine.max_num_tokens,
+    )
+    board = full_scoreboard(
+        running, queued, seed, limits.kv_blocks * limits.tokens_per_block, policy.targets.tpot_s
     )
     stats = EngineStats(
         0.0,
@@ -53,11 +72,13 @@ def benchmark_decide(
         running,
         0,
         0,
-        limits.kv_blocks // 2,
+        int(KV_FILL * limits.kv_blocks),
         limits.kv_blocks,
         limits.tokens_per_block,
         0.03,
     )
+    order = np.argsort(board.view().run_arrival_s)
+    policy.record_arrivals(board.view().run_arrival_s[order], board.view().run_prompt[order])
     view = ControlView(0.0, setup.gpu, stats, limits, board.view(), setup.gpu.max_clock_mhz)
     guard = policy.guard
     samples = np.empty(repeats)
@@ -75,5 +96,5 @@ def benchmark_decide(
         "clock_mhz": decision.sm_clock_mhz,
         "admitted": len(decision.admit_request_ids),
         "candidate_clocks": len(policy.model.clocks_mhz),
-        "search": "bisection" if policy.bisect else "all clocks at once",
+        "search": policy.search,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.control.frequency import PROBE_SMALL_TOKENS
 from agent.control.policies import Policy, ReactivePolicy, ThrottllemPolicy, parse_policy
 from agent.control.slo import SloTargets
 from agent.modeling.profile import DEFAULT_MIN_CLOCK_MHZ
@@ -57,7 +58,8 @@ def build_policy(
         ips = IpsModel(ips_model_dir(models_dir, gpu.name, setup.model.name, setup.tp))
         trained_from = ips.card["features"]["clock_mhz"]["min"]
         clocks = tuple(c for c in candidates if c >= trained_from)
-        learned = LearnedTimeModel.build(ips, setup.tp, clocks, *limits)
+        probes = (min(PROBE_SMALL_TOKENS, setup.engine.max_num_tokens), setup.engine.max_num_tokens)
+        learned = LearnedTimeModel.build(ips, setup.tp, clocks, *limits, prefill_tokens=probes)
         lengths = parse_length_predictor(arg or "learned", models_dir, seed=seed)
         label = "throttllem" if not arg else f"throttllem:{arg}"
         return BuiltPolicy(ThrottllemPolicy(learned, targets, gpu.max_clock_mhz, name=label), lengths)

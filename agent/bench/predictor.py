@@ -18,7 +18,7 @@ import numpy as np
 from agent.modeling.dataset import DatasetWriter, read_dataset
 from agent.modeling.profile import SweepConfig, TwinProfileTarget, run_sweep, sweep_meta
 from agent.modeling.train import regression_metrics
-from agent.predict.ips import BATCH, CLOCK, KV, DecodeIpsTable, IpsModel
+from agent.predict.ips import BATCH, CLOCK, KV, IpsModel, IpsTable
 from agent.twin.simulator import TwinSetup
 
 FRESH_SEED_OFFSET = 1000  # sweep and jitter seeds of the evaluation profile: never the training ones
@@ -74,7 +74,7 @@ def benchmark_predictor(model_dir: Path, setup: TwinSetup, rows: int, seed: int)
 
     clocks = tuple(c for c in setup.gpu.sm_clocks_mhz if c >= model.card["features"]["clock_mhz"]["min"])
     start = time.perf_counter()
-    table = DecodeIpsTable.build(
+    table = IpsTable.build(
         model, setup.tp, clocks, setup.engine.max_batch_size, setup.kv_blocks(), TABLE_KV_POINTS
     )
     build_s = time.perf_counter() - start

@@ -12,6 +12,7 @@ from agent.bench.predictor import FRESH_SEED_OFFSET, benchmark_predictor
 from agent.cli.common import add_setup_args, flatten, print_figures, print_json, progress_bar, setup_from_args
 from agent.cli.models import PROFILE_NOISE
 from agent.config import Settings
+from agent.control.frequency import SEARCHES
 from agent.control.policies import ThrottllemPolicy, parse_policy
 from agent.slo_presets import control_targets, load_slo_preset
 from agent.twin.simulator import simulate
@@ -63,12 +64,11 @@ def cmd_bench_decide(args: argparse.Namespace) -> int:
     preset = load_slo_preset("mlperf-server", setup.model.name)
     targets = control_targets(preset)
     figures = {}
-    for bisect in (True, False):
+    for search in SEARCHES:
         built = build_policy("throttllem", setup, targets, args.models_dir)
         assert isinstance(built.policy, ThrottllemPolicy)
-        built.policy.bisect = bisect
-        key = "bisection" if bisect else "all_clocks"
-        figures[key] = benchmark_decide(
+        built.policy.search = search
+        figures[search] = benchmark_decide(
             built.policy, setup, args.running, args.queued, args.repeats, args.seed
         )
     print_json(figures) if args.json else print_figures("decision latency", flatten(figures))

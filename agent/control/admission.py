@@ -4,7 +4,7 @@ A queued request is inserted into the scoreboard virtually and admitted only if,
 projected KV cache fits and every running and admitted request still meets its SLOs at the
 highest clock. Requests are admitted in arrival order (no overtaking), so the answer is a
 prefix of the queue; feasibility only gets harder as the prefix grows, so the longest feasible
-prefix is found by bisection. Requests already beyond saving ("lost": negative slack at max
+prefix is found by search. Requests already beyond saving ("lost": negative slack at max
 clock even before anything is admitted) do not veto admissions; they are served as fast as
 possible instead.
 """
@@ -87,12 +87,21 @@ def situation(
     )
 
 
-def lost_requests(
+def top_slack_s(
     model: IterationTimeModel, targets: SloTargets, sit: Situation, correction: np.ndarray
 ) -> np.ndarray:
-    """Mask of requests that miss their SLOs even at the highest clock."""
+    """Per request: slack at the highest clock (negative: lost, whatever the clock)."""
     top = np.array([len(model.clocks_mhz) - 1])
-    return slack_at(model, targets, sit, top, correction, prefill_delay_s(sit))[0] < 0
+    return slack_at(model, targets, sit, top, correction, prefill_delay_s(sit))[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """How many queued requests start now, and the checked situation with them in it."""
+
+    count: int
+    situation: Situation  # running plus the admitted requests, projected
+    top_slack_s: np.ndarray  # per request of `situation`, at the highest clock
 
 
 def admissible(
@@ -103,43 +112,61 @@ def admissible(
     limits: EngineLimits,
     correction: np.ndarray,
     prefill: PrefillCost,
-) -> int:
-    """How many queued requests (from the head of the queue) may start now.
+) -> Admission:
+    """The longest prefix of the queue that may start now.
 
-    The whole queue is tried first (the common case at moderate load), then bisection.
+    The whole queue is tried first (the common case at moderate load); then an exponential
+    search from the head (1, 2, 4, ... requests) and a bisection inside the last step, so that
+    the usual answers — all, none, or a few — cost two or three checks.
     """
-    room = min(view.queued, limits.max_batch_size - view.running)
-    if room <= 0:
-        return 0
     tpb = limits.tokens_per_block
     cands = candidates(view)
-    base = situation(cands, 0, now_s, prefill, tpb)
-    already_lost = lost_requests(model, targets, base, correction) if view.running else np.zeros(0, bool)
+    checked: dict[int, Admission] = {}
+
+    def check(k: int) -> Admission:
+        if k not in checked:
+            sit = situation(cands, k, now_s, prefill, tpb)
+            slack = top_slack_s(model, targets, sit, correction) if len(sit.requests) else np.zeros(0)
+            checked[k] = Admission(k, sit, slack)
+        return checked[k]
+
+    room = min(view.queued, limits.max_batch_size - view.running)
+    if room <= 0:
+        return check(0)
     # A newcomer that has used up half of its first-token budget waiting is admitted whatever its
     # own projected slack: holding it longer can only make it miss its TTFT.
-    newcomer_lost = np.zeros(room, dtype=bool)
+    judged_new = np.ones(room, dtype=bool)
     if targets.ttft_s is not None:
         waited = now_s - view.queued_arrival_s[:room]
-        newcomer_lost = waited > URGENT_TTFT_SHARE * (1.0 - targets.margin) * targets.ttft_s
-    top = np.array([len(model.clocks_mhz) - 1])
+        judged_new = waited <= URGENT_TTFT_SHARE * (1.0 - targets.margin) * targets.ttft_s
 
     def fits(k: int) -> bool:
+        admission = check(k)
         if view.running == 0 and k == 1:
             return True  # an idle engine always takes the head of the queue
-        sit = situation(cands, k, now_s, prefill, tpb)
-        if sit.projection.kv_peak_blocks > limits.kv_blocks:
+        if admission.situation.projection.kv_peak_blocks > limits.kv_blocks:
             return False
-        slack = slack_at(model, targets, sit, top, correction, prefill_delay_s(sit))[0]
-        judged = np.concatenate([~already_lost, ~newcomer_lost[:k]])
-        return bool(np.all(slack[judged] >= 0))
+        misses = admission.top_slack_s < 0
+        if (misses[view.running :] & judged_new[:k]).any():
+            return False
+        if not misses[: view.running].any():
+            return True
+        # Running requests that were already lost before any admission do not veto (checked
+        # only now: most decisions never need the situation without the newcomers).
+        lost_before = check(0).top_slack_s < 0
+        return not (misses[: view.running] & ~lost_before).any()
 
     if fits(room):
-        return room
-    lo, hi = 0, room - 1  # invariant: a prefix of lo requests is admissible
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
+        return checked[room]
+    lo, hi = 0, room  # invariant: a prefix of lo requests fits, one of hi does not
+    step = 1
+    while step < hi and fits(step):
+        lo, step = step, step * 2
+    hi = min(hi, step)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
         else:
-            hi = mid - 1
-    return lo
+            hi = mid
+    return check(lo)

@@ -66,6 +66,11 @@ class PrefillCost:
             model.prefill_s(batch, kv_blocks, max_num_tokens),
         )
 
+    @property
+    def per_token_s(self) -> np.ndarray:
+        """Per clock: the marginal time of one more prompt token (the line's slope)."""
+        return np.maximum((self.full_s - self.small_s) / max(self.full_tokens - self.small_tokens, 1), 0.0)
+
     def delay_s(self, pending_tokens: int) -> np.ndarray:
         """Time to prefill `pending_tokens`: full chunks, then the rest, every decode stalled."""
         if pending_tokens <= 0:
@@ -73,8 +78,7 @@ class PrefillCost:
         full, rest = divmod(pending_tokens, self.full_tokens)
         delay = full * self.full_s
         if rest:
-            slope = (self.full_s - self.small_s) / max(self.full_tokens - self.small_tokens, 1)
-            delay = delay + np.maximum(self.small_s + slope * (rest - self.small_tokens), 0.0)
+            delay = delay + np.maximum(self.small_s + self.per_token_s * (rest - self.small_tokens), 0.0)
         return delay
 
 
@@ -118,7 +122,10 @@ class ClockChoice:
 
     clock_index: int | None  # lowest feasible candidate; None when even the highest is not
     min_slack_s: float  # least slack over the requests at that clock (or at the highest clock)
-    evaluations: int  # clocks evaluated
+    evaluations: int  # slack evaluations (model calls) made
+
+
+SEARCHES = ("two-level", "bisect", "all")
 
 
 def lowest_feasible(
@@ -126,34 +133,64 @@ def lowest_feasible(
     targets: SloTargets,
     situation: Situation,
     correction: np.ndarray,
-    bisect: bool = True,
+    search: str = "two-level",
+    top_slack_s: np.ndarray | None = None,
 ) -> ClockChoice:
-    """The lowest candidate clock with non-negative slack for every request."""
+    """The lowest candidate clock with non-negative slack for every request.
+
+    Feasibility is monotone in the clock, so three searches give the same answer at different
+    costs (`bench decide` measures them): `all` evaluates every clock in one call; `bisect`
+    one clock per call, log2(n) calls; `two-level` every k-th clock (k ~ sqrt(n)) in one call,
+    then the clocks inside the bracket found in a second. `top_slack_s`, the per-request slack
+    at the highest clock when the caller already has it (admission computes it), saves a call.
+    """
+    if search not in SEARCHES:
+        raise ValueError(f"unknown clock search {search!r}; known: {', '.join(SEARCHES)}")
     n = len(model.clocks_mhz)
     if len(situation.requests) == 0:
         return ClockChoice(0, math.inf, 0)
     delay = prefill_delay_s(situation)
-    if not bisect:
-        slack = slack_at(model, targets, situation, np.arange(n), correction, delay).min(axis=1)
+
+    def min_slack(indices: np.ndarray) -> np.ndarray:
+        return slack_at(model, targets, situation, indices, correction, delay).min(axis=1)
+
+    if search == "all":
+        slack = min_slack(np.arange(n))
         ok = np.flatnonzero(slack >= 0)
         if len(ok) == 0:
-            return ClockChoice(None, float(slack[-1]), n)
-        return ClockChoice(int(ok[0]), float(slack[ok[0]]), n)
-
-    def min_slack(i: int) -> float:
-        return float(slack_at(model, targets, situation, np.array([i]), correction, delay).min())
-
-    evaluations = 1
-    top = min_slack(n - 1)
+            return ClockChoice(None, float(slack[-1]), 1)
+        return ClockChoice(int(ok[0]), float(slack[ok[0]]), 1)
+    evaluations = 0
+    if top_slack_s is None:
+        top, evaluations = float(min_slack(np.array([n - 1]))[0]), 1
+    else:
+        top = float(top_slack_s.min())
     if top < 0:
         return ClockChoice(None, top, evaluations)
-    lo, hi, best = 0, n - 1, top  # invariant: hi is feasible with slack `best`
-    while lo < hi:
-        mid = (lo + hi) // 2
-        slack = min_slack(mid)
-        evaluations += 1
-        if slack >= 0:
-            hi, best = mid, slack
-        else:
-            lo = mid + 1
-    return ClockChoice(hi, best, evaluations)
+    lo, hi, best = -1, n - 1, top  # invariant: hi is feasible with slack `best`, lo is not (or -1)
+    if search == "bisect":
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            slack = float(min_slack(np.array([mid]))[0])
+            evaluations += 1
+            if slack >= 0:
+                hi, best = mid, slack
+            else:
+                lo = mid
+        return ClockChoice(hi, best, evaluations)
+    coarse = np.arange(0, n - 1, max(1, math.isqrt(n)))
+    slack = min_slack(coarse)
+    ok = np.flatnonzero(slack >= 0)
+    if len(ok):
+        hi, best = int(coarse[ok[0]]), float(slack[ok[0]])
+        lo = int(coarse[ok[0] - 1]) if ok[0] > 0 else -1
+    else:
+        lo = int(coarse[-1])
+    fine = np.arange(lo + 1, hi)
+    if len(fine) == 0:
+        return ClockChoice(hi, best, evaluations + 1)
+    slack = min_slack(fine)
+    ok = np.flatnonzero(slack >= 0)
+    if len(ok):
+        hi, best = int(fine[ok[0]]), float(slack[ok[0]])
+    return ClockChoice(hi, best, evaluations + 2)

@@ -14,15 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.control.admission import (
-    EngineLimits,
-    admissible,
-    candidates,
-    lost_requests,
-    prefill_cost,
-    situation,
-)
-from agent.control.frequency import IterationTimeModel, lowest_feasible
+from agent.control.admission import EngineLimits, admissible, prefill_cost
+from agent.control.frequency import IterationTimeModel, PrefillCost, lowest_feasible
 from agent.control.guard import (
     DEFAULT_GUARD_CONFIG,
     GuardConfig,
@@ -92,7 +85,6 @@ class StaticPolicy:
 
 
 POLICY_NAMES = ("max", "static:<MHz>")
-PREFILL_PROBE_TOKENS = 1024  # prefill size used to price one prompt token at each clock
 MAX_PREFILL_SHARE = 0.9  # cap on the share of time arriving prefills are assumed to take
 
 
@@ -140,7 +132,7 @@ class ThrottllemPolicy:
         guard_config: GuardConfig = DEFAULT_GUARD_CONFIG,
         name: str = "throttllem",
         correct: bool = True,
-        bisect: bool = True,
+        search: str = "two-level",
         arrival_window_s: float = 30.0,
     ) -> None:
         self.model = model
@@ -148,15 +140,18 @@ class ThrottllemPolicy:
         self.max_clock_mhz = max_clock_mhz
         self.name = name
         self.correct = correct  # the oracle's model is exact: it needs no correction
-        self.bisect = bisect
+        self.search = search
         self.guard = initial_state(max_clock_mhz, guard_config)
         clocks = model.clocks_mhz.astype(int)
         self._clocks = [int(c) for c in clocks]
-        self._band_of_clock = clocks // guard_config.band_width_mhz
+        _, self._band_first_clock, self._band_index = np.unique(
+            clocks // guard_config.band_width_mhz, return_index=True, return_inverse=True
+        )
         self.last_min_slack_s: float | None = None
         self.arrival_window_s = arrival_window_s
         self._arrivals: deque[tuple[float, int]] = deque()  # (arrival time, prompt tokens)
         self._last_arrival_s = -math.inf
+        self._window_tokens = 0  # prompt tokens of the requests in `_arrivals`
 
     def _observe(self, view: ControlView) -> None:
         stats, clock = view.stats, view.last_clock_mhz
@@ -182,26 +177,27 @@ class ThrottllemPolicy:
     def _corrections(self) -> np.ndarray:
         if not self.correct:
             return np.ones(len(self._clocks))
-        per_band = {
-            int(b): correction(self.guard, self._clocks[i]) for i, b in enumerate(self._band_of_clock)
-        }
-        return np.array([per_band[int(b)] for b in self._band_of_clock])
+        per_band = np.array([correction(self.guard, self._clocks[i]) for i in self._band_first_clock])
+        return per_band[self._band_index]
 
-    def _prefill_stretch(self, board: ScoreboardView, now_s: float) -> np.ndarray:
+    def record_arrivals(self, arrival_s: np.ndarray, prompt_tokens: np.ndarray) -> None:
+        """Remember requests seen arriving (in time order) for the prompt-token rate."""
+        for arrival, prompt in zip(arrival_s, prompt_tokens, strict=True):
+            self._arrivals.append((float(arrival), int(prompt)))
+            self._window_tokens += int(prompt)
+        if len(arrival_s):
+            self._last_arrival_s = max(self._last_arrival_s, float(np.max(arrival_s)))
+
+    def _prefill_stretch(self, board: ScoreboardView, now_s: float, prefill: PrefillCost) -> np.ndarray:
         """Per clock: how much arriving prefills will slow the projected decodes."""
         fresh = board.queued_arrival_s > self._last_arrival_s
-        for arrival, prompt in zip(board.queued_arrival_s[fresh], board.queued_prompt[fresh], strict=True):
-            self._arrivals.append((float(arrival), int(prompt)))
-        if fresh.any():
-            self._last_arrival_s = float(board.queued_arrival_s[fresh].max())
+        self.record_arrivals(board.queued_arrival_s[fresh], board.queued_prompt[fresh])
         while self._arrivals and self._arrivals[0][0] < now_s - self.arrival_window_s:
-            self._arrivals.popleft()
+            self._window_tokens -= self._arrivals.popleft()[1]
         if not self._arrivals:
             return np.ones(len(self._clocks))
         span = max(now_s - self._arrivals[0][0], 1.0)
-        tokens_per_s = sum(p for _, p in self._arrivals) / span
-        per_token_s = self.model.prefill_s(board.running, 0.0, PREFILL_PROBE_TOKENS) / PREFILL_PROBE_TOKENS
-        busy = np.minimum(tokens_per_s * per_token_s, MAX_PREFILL_SHARE)
+        busy = np.minimum(self._window_tokens / span * prefill.per_token_s, MAX_PREFILL_SHARE)
         return 1.0 / (1.0 - busy)
 
     def decide(self, view: ControlView) -> Decision:
@@ -210,16 +206,19 @@ class ThrottllemPolicy:
         if board is None or limits is None:
             return Decision(sm_clock_mhz=None)
         self._observe(view)
-        corr = self._corrections() * self._prefill_stretch(board, view.now_s)
         prefill = prefill_cost(self.model, board, limits)
-        admit = admissible(self.model, self.targets, board, view.now_s, limits, corr, prefill)
-        if board.running + admit == 0:
+        corr = self._corrections() * self._prefill_stretch(board, view.now_s, prefill)
+        admission = admissible(self.model, self.targets, board, view.now_s, limits, corr, prefill)
+        if board.running + admission.count == 0:
             self.guard = transition(self.guard, TimePassed(view.now_s))
             self.last_min_slack_s = None
             return Decision(sm_clock_mhz=None)
-        sit = situation(candidates(board), admit, view.now_s, prefill, limits.tokens_per_block)
-        lost = lost_requests(self.model, self.targets, sit, corr)
-        choice = lowest_feasible(self.model, self.targets, sit, corr, self.bisect) if not lost.any() else None
+        top_slack = admission.top_slack_s
+        choice = (
+            None
+            if (top_slack < 0).any()
+            else lowest_feasible(self.model, self.targets, admission.situation, corr, self.search, top_slack)
+        )
         proposed = (
             self.max_clock_mhz
             if choice is None or choice.clock_index is None
@@ -230,7 +229,7 @@ class ThrottllemPolicy:
         clock, self.guard = settle_clock(self.guard, proposed, view.now_s)
         return Decision(
             sm_clock_mhz=None if clock >= self.max_clock_mhz else clock,
-            admit_request_ids=tuple(int(i) for i in board.queued_ids[:admit]),
+            admit_request_ids=tuple(int(i) for i in board.queued_ids[: admission.count]),
         )
 
 

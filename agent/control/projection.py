@@ -26,6 +26,7 @@ import numpy as np
 
 DEFAULT_MAX_SEGMENTS = 48
 FIRST_CUT_LOG2 = 5  # early stopping points at 32, 64, 128, ... iterations
+_GEOMETRIC_CUTS = 2.0 ** np.arange(FIRST_CUT_LOG2, 40)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +67,15 @@ def project(
     l_sorted = context_tokens[order].astype(np.float64)
     ends = r_sorted[np.concatenate([r_sorted[1:] != r_sorted[:-1], [True]])]  # sorted: unique is a diff
     if len(ends) > max_segments:
-        # Keep boundaries at evenly spaced ranks: merged segments end where their last request
-        # ends, so finishes are never projected earlier than they happen.
-        ranks = np.unique(np.linspace(0, len(ends) - 1, max_segments).round().astype(np.intp))
+        # Keep boundaries at evenly spaced ranks (distinct, since there are more ends than
+        # segments; the first and last are kept): merged segments end where their last request ends, so
+        # finishes are never projected earlier than they happen.
+        ranks = (np.arange(max_segments) * (len(ends) - 1)) // (max_segments - 1)
         ends = ends[ranks]
-    geometric = 2.0 ** np.arange(FIRST_CUT_LOG2, int(np.log2(max(ends[-1], 1.0))) + 1)
-    ends = np.union1d(ends, geometric[geometric < ends[-1]])
+    cuts = _GEOMETRIC_CUTS[ends[-1] > _GEOMETRIC_CUTS]
+    if len(cuts):
+        ends = np.sort(np.concatenate([ends, cuts]))
+        ends = ends[np.concatenate([ends[1:] != ends[:-1], [True]])]
     starts = np.concatenate([[0.0], ends[:-1]])
     # Requests still active in segment k are those with r >= its end... except inside merged
     # segments, where some finish early; counting them as active is the conservative choice.

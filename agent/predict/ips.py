@@ -2,9 +2,10 @@
 
 `IpsModel` answers whole batches of (tp, batch, kv_blocks, clock_mhz, prefill_tokens) rows in one
 onnxruntime call on one thread: the decision core asks for every candidate clock at several future
-iterations at once. `DecodeIpsTable` goes further for the common case, decode-only iterations: it
-evaluates the model once over a (clock × batch × KV) grid at load time, after which a query is a
-numpy gather (trees are piecewise constant, so a fine grid loses little; the bench measures it).
+iterations at once. `IpsTable` goes further for the common cases, decode-only iterations and
+the decision's prefill probes: it evaluates the model once over a (clock × batch × KV) grid at
+load time, after which a query is a numpy gather (trees are piecewise constant, so a fine grid
+loses little; the bench measures it).
 """
 
 from __future__ import annotations
@@ -86,12 +87,17 @@ class IpsModel:
 
 
 @dataclass(frozen=True, slots=True)
-class DecodeIpsTable:
-    """IPS of decode-only iterations, precomputed on a (clock, batch, KV) grid."""
+class IpsTable:
+    """IPS at one prefill size (0: decode-only), precomputed on a (clock, batch, KV) grid.
+
+    Batch sizes between grid points round up to the next one and KV is linear between points:
+    with a batch step of 1 (decode tables) lookups are exact in the batch.
+    """
 
     clocks_mhz: np.ndarray  # ascending candidate clocks
+    batch_step: int  # batch sizes between grid points
     kv_step: float  # KV blocks between grid points
-    ips: np.ndarray  # [clock index, batch, KV grid index]
+    ips: np.ndarray  # [clock index, batch grid index, KV grid index]
 
     @classmethod
     def build(
@@ -102,9 +108,13 @@ class DecodeIpsTable:
         max_batch: int,
         kv_blocks: int,
         kv_points: int = 128,
-    ) -> DecodeIpsTable:
-        """Evaluate `model` for batch 0..max_batch and kv_points KV levels per clock."""
-        return cls.from_ips(model.predict, tp, clocks_mhz, max_batch, kv_blocks, kv_points)
+        prefill_tokens: int = 0,
+        batch_step: int = 1,
+    ) -> IpsTable:
+        """Evaluate `model` on the grid (batch 0..max_batch, kv_points KV levels, every clock)."""
+        return cls.from_ips(
+            model.predict, tp, clocks_mhz, max_batch, kv_blocks, kv_points, prefill_tokens, batch_step
+        )
 
     @classmethod
     def from_ips(
@@ -115,19 +125,30 @@ class DecodeIpsTable:
         max_batch: int,
         kv_blocks: int,
         kv_points: int = 128,
-    ) -> DecodeIpsTable:
-        """Tabulate any IPS function of IPS_FEATURES rows (prefill 0) on the grid."""
+        prefill_tokens: int = 0,
+        batch_step: int = 1,
+    ) -> IpsTable:
+        """Tabulate any IPS function of IPS_FEATURES rows on the grid."""
         clocks = np.array(sorted(clocks_mhz), dtype=np.float32)
         kv_grid = np.linspace(0.0, kv_blocks, kv_points, dtype=np.float32)
-        c, b, k = np.meshgrid(clocks, np.arange(max_batch + 1, dtype=np.float32), kv_grid, indexing="ij")
+        batches = np.arange(0, max_batch + batch_step, batch_step, dtype=np.float32)
+        c, b, k = np.meshgrid(clocks, batches, kv_grid, indexing="ij")
         rows = np.zeros((c.size, len(IPS_FEATURES)), dtype=np.float32)
         rows[:, TP], rows[:, BATCH], rows[:, KV], rows[:, CLOCK] = tp, b.ravel(), k.ravel(), c.ravel()
-        return cls(clocks, float(kv_blocks) / (kv_points - 1), ips(rows).reshape(c.shape))
+        rows[:, PREFILL] = prefill_tokens
+        return cls(clocks, batch_step, float(kv_blocks) / (kv_points - 1), ips(rows).reshape(c.shape))
 
     def lookup(self, clock_index: np.ndarray | int, batch: np.ndarray, kv_blocks: np.ndarray) -> np.ndarray:
-        """IPS at the given clock index(es), batch sizes and KV blocks (linear in KV between points)."""
-        pos = np.clip(np.asarray(kv_blocks, dtype=np.float64) / self.kv_step, 0, self.ips.shape[2] - 1)
-        lo = np.minimum(pos.astype(np.intp), self.ips.shape[2] - 2)
+        """IPS at the given clock index(es), batch sizes and KV blocks."""
+        _, batches, kvs = self.ips.shape
+        pos = np.clip(np.asarray(kv_blocks, dtype=np.float64) / self.kv_step, 0, kvs - 1)
+        lo = np.minimum(pos.astype(np.intp), kvs - 2)
         frac = pos - lo
-        b = np.clip(np.asarray(batch, dtype=np.intp), 0, self.ips.shape[1] - 1)
-        return self.ips[clock_index, b, lo] * (1 - frac) + self.ips[clock_index, b, lo + 1] * frac
+        b = np.asarray(batch, dtype=np.float64)
+        if self.batch_step > 1:
+            b = np.ceil(b / self.batch_step)
+        b = np.clip(b.astype(np.intp), 0, batches - 1)
+        flat = (np.asarray(clock_index, dtype=np.intp) * batches + b) * kvs + lo
+        table = self.ips.reshape(-1)
+        below = table.take(flat)
+        return below + (table.take(flat + 1) - below) * frac

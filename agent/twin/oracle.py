@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.predict.ips import BATCH, CLOCK, KV, DecodeIpsTable
+from agent.predict.ips import BATCH, CLOCK, KV, IpsTable
 from agent.twin.latency import LatencyModel
 
 
@@ -32,7 +32,7 @@ class TwinTimeModel:
             batch = np.maximum(rows[:, BATCH], 1)
             return 1.0 / latency.decode_time_s(rows[:, CLOCK], batch, context)
 
-        self.table = DecodeIpsTable.from_ips(ips, latency.tp, clocks_mhz, max_batch, kv_blocks)
+        self.table = IpsTable.from_ips(ips, latency.tp, clocks_mhz, max_batch, kv_blocks)
 
     @property
     def clocks_mhz(self) -> np.ndarray:

@@ -200,5 +200,5 @@ def test_simulate_runs_predictive_policies_and_reports_attainment(capsys):
 
 def test_bench_decide_reports_latency(capsys):
     out = run_json(capsys, "bench", "decide", "--running", "64", "--queued", "8", "--repeats", "20", "--json")
-    for search in ("bisection", "all_clocks"):
+    for search in ("two-level", "bisect", "all"):
         assert out[search]["decide_p50_ms"] > 0 and out[search]["running"] == 64

@@ -9,7 +9,7 @@ import pytest
 from agent.catalog import gpu_spec, model_spec
 from agent.domain import IPS_FEATURES
 from agent.modeling.train import TrainConfig, train_ips_model
-from agent.predict.ips import CLOCK, DecodeIpsTable, IpsModel, ModelLoadError
+from agent.predict.ips import CLOCK, IpsModel, IpsTable, ModelLoadError
 from agent.twin.latency import LatencyModel
 
 GPU = gpu_spec("a100-sxm4-80gb")
@@ -94,7 +94,7 @@ def test_warns_once_outside_the_training_range(trained, caplog):
 def test_decode_table_matches_the_model_on_its_grid(trained):
     model = IpsModel(trained[0])
     clocks = (900, 1050, 1410)
-    table = DecodeIpsTable.build(model, tp=1, clocks_mhz=clocks, max_batch=64, kv_blocks=3000, kv_points=31)
+    table = IpsTable.build(model, tp=1, clocks_mhz=clocks, max_batch=64, kv_blocks=3000, kv_points=31)
     batch = np.array([1, 10, 64])
     kv = np.array([0.0, 1500.0, 3000.0])
     for i, clock in enumerate(clocks):

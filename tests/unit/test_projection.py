@@ -1,10 +1,18 @@
 """Projection, SLO slack and clock search, checked against brute force."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.control.frequency import PrefillCost, Situation, lowest_feasible, prefill_delay_s, slack_at
+from agent.control.frequency import (
+    SEARCHES,
+    PrefillCost,
+    Situation,
+    lowest_feasible,
+    prefill_delay_s,
+    slack_at,
+)
 from agent.control.projection import project, remaining_iterations
 from agent.control.scoreboard import Scoreboard
 from agent.control.slo import RequestSet, SloTargets
@@ -61,7 +69,8 @@ def test_overrunning_requests_fall_back_to_max_tokens():
 class LinearModel:
     """Decode time grows with batch and falls with the clock: a known, monotone toy model."""
 
-    clocks_mhz = np.array([600.0, 900.0, 1200.0, 1410.0])
+    def __init__(self, clocks_mhz=(600.0, 900.0, 1200.0, 1410.0)):
+        self.clocks_mhz = np.array(clocks_mhz)
 
     def decode_s(self, clock_index, batch, kv_blocks):
         return (
@@ -74,35 +83,43 @@ class LinearModel:
         return 1e-4 * prefill_tokens * 1410.0 / self.clocks_mhz
 
 
-def situation(n: int, rng: np.random.Generator, pending: int = 0) -> Situation:
+def situation(
+    n: int, rng: np.random.Generator, pending: int = 0, model: LinearModel | None = None
+) -> Situation:
     context = rng.integers(100, 2000, n).astype(float)
     remaining = rng.integers(5, 300, n).astype(float)
     generated = rng.integers(1, 50, n).astype(float)
-    first = -rng.uniform(0, 5, n)
+    first = -generated * rng.uniform(0.005, 0.03, n)  # mostly on track for a 12-45 ms TPOT
     requests = RequestSet(rng.uniform(-20, -5, n), first, generated, remaining, context)
     return Situation(
         0.0,
         requests,
         project(context, remaining, 64),
         pending,
-        PrefillCost.probe(LinearModel(), n, 0.0, 8192),
+        PrefillCost.probe(model or LinearModel(), n, 0.0, 8192),
     )
 
 
-def test_clock_search_matches_brute_force():
-    rng = np.random.default_rng(0)
-    model = LinearModel()
-    correction = np.ones(4)
+@pytest.mark.parametrize("clocks", [4, 55, 7])
+def test_clock_search_matches_brute_force(clocks):
+    rng = np.random.default_rng(clocks)
+    model = LinearModel(tuple(np.linspace(600, 1410, clocks)))
+    correction = np.ones(clocks)
+    answers = set()
     for trial in range(200):
-        sit = situation(int(rng.integers(1, 40)), rng, pending=int(rng.integers(0, 3000)))
-        targets = SloTargets(tpot_s=float(rng.uniform(0.01, 0.08)), e2e_s=float(rng.uniform(5, 60)))
+        sit = situation(int(rng.integers(1, 40)), rng, pending=int(rng.integers(0, 1500)), model=model)
+        targets = SloTargets(tpot_s=float(rng.uniform(0.012, 0.045)), e2e_s=float(rng.uniform(5, 60)))
         delay = prefill_delay_s(sit)
-        brute = [slack_at(model, targets, sit, np.array([i]), correction, delay).min() >= 0 for i in range(4)]
+        brute = [
+            slack_at(model, targets, sit, np.array([i]), correction, delay).min() >= 0 for i in range(clocks)
+        ]
         expected = next((i for i, ok in enumerate(brute) if ok), None)
-        for bisect in (True, False):
-            assert lowest_feasible(model, targets, sit, correction, bisect=bisect).clock_index == expected, (
+        answers.add(expected)
+        for search in SEARCHES:
+            assert lowest_feasible(model, targets, sit, correction, search=search).clock_index == expected, (
                 trial
             )
+    assert len(answers) >= 4 and None in answers  # the trials cover low, middle, high and no clock
 
 
 def test_a_higher_clock_never_has_less_slack():
