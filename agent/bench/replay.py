@@ -111,6 +111,7 @@ class ReplayConfig:
     max_tokens: int  # client max_tokens of every request
     models_dir: Path
     seed: int
+    ips_optimism_pct: float = 0.0  # throttllem's IPS model this much too optimistic (guard experiment)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +306,9 @@ def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
     slo = replay_slo(preset, p99)
 
     def build(run: PlannedRun) -> BuiltPolicy:
-        return build_policy(run.spec, setup, slo.targets, config.models_dir, seed=config.seed)
+        return build_policy(
+            run.spec, setup, slo.targets, config.models_dir, config.seed, config.ips_optimism_pct
+        )
 
     # Build the first load's policies before any long run, so a bad spec or a missing model fails
     # fast; later loads get fresh ones, since policies keep state.

@@ -118,6 +118,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         models_dir=args.models_dir,
         seed=args.seed,
+        ips_optimism_pct=args.ips_optimism,
     )
     outcome = replay(config, lambda label: progress_bar(label, not args.json))
     meta = {
@@ -161,6 +162,12 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         default=None,
         help="comma-separated p95 length errors in %% for throttllem (noisy:E; 0: true lengths); "
         "default: its learned predictor",
+    )
+    rep.add_argument(
+        "--ips-optimism",
+        type=float,
+        default=0.0,
+        help="make throttllem's IPS model this many %% too optimistic (the guard experiment; default 0)",
     )
     rate = rep.add_argument_group("arrival rate (one of)")
     rate.add_argument(

@@ -46,3 +46,31 @@ def test_predictive_policies_keep_the_tpot_target_at_light_load(spec):
 def test_unknown_policy_lists_the_known_ones():
     with pytest.raises(ValueError, match="throttllem"):
         build_policy("fastest", SETUP, TARGETS, Path("models"))
+
+
+def test_an_optimistic_ips_model_predicts_shorter_iterations_and_says_so():
+    honest = build_policy("throttllem", SETUP, TARGETS, Path("models")).policy
+    optimistic = build_policy("throttllem", SETUP, TARGETS, Path("models"), ips_optimism_pct=15).policy
+    clocks, batch, kv = np.arange(3), np.array([8, 64, 200]), np.array([100.0, 900.0, 2000.0])
+    assert np.allclose(
+        optimistic.model.decode_s(clocks, batch, kv) * 1.15, honest.model.decode_s(clocks, batch, kv)
+    )
+    assert np.allclose(
+        optimistic.model.prefill_s(16, 300.0, 512) * 1.15, honest.model.prefill_s(16, 300.0, 512)
+    )
+    assert optimistic.name == "throttllem (IPS +15%)"
+    with pytest.raises(ValueError, match="percentage"):
+        build_policy("throttllem", SETUP, TARGETS, Path("models"), ips_optimism_pct=-5)
+
+
+def test_the_guard_correction_holds_the_tpot_target_when_the_model_is_optimistic():
+    # A tight target (25 ms), where a 30%-optimistic model picks clocks that are too low.
+    tight = SloTargets(tpot_s=0.025, ttft_s=2.0)
+
+    def attainment(correct: bool) -> float:
+        built = build_policy("throttllem", SETUP, tight, Path("models"), ips_optimism_pct=30)
+        built.policy.correct = correct
+        tpot = np.array(simulate(SETUP, built.policy, REQUESTS, length_predictor=built.lengths).tpot_s)
+        return float(np.mean(tpot[~np.isnan(tpot)] <= tight.tpot_s))
+
+    assert attainment(correct=True) >= 0.98 > attainment(correct=False)
