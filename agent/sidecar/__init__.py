@@ -1,0 +1,1 @@
+"""The live sidecar: gateway, control loop, watchdog and its own HTTP port."""
