@@ -1,0 +1,303 @@
+"""What the gateway reads from LLM requests and responses: sizes in, tokens out, errors back.
+
+Two APIs reach the engine through the gateway (reference/interfaces.md):
+
+- Triton's generate extension (§2.1): `text_input`, `max_tokens` (top level or in `parameters`,
+  scalar or 1-element list; the llmapi model's `sampling_param_max_tokens`), `stream`;
+  responses are one JSON document, or `data: <json>` events without a `[DONE]`. Errors are
+  `{"error": "<message>"}`, also as an event inside a 200 stream.
+- OpenAI-compatible completions and chat completions (§3.3): `prompt` / `messages`,
+  `max_tokens` / `max_completion_tokens`, `stream`; events end with `data: [DONE]`; `usage`
+  carries exact counts when present. Errors are `{"error": {"message", "type", "param", "code"}}`.
+
+The twin accepts two optional keys a real Triton ignores (`agent.twin.server.protocol`): the
+request's `prompt_tokens` and, with `return_num_output_tokens`, each response's
+`num_output_tokens` (tokens in that response). Both are used when present: they are exact.
+
+Everything here is plain data in, plain data out: the gateway does the I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from agent.sidecar.prompt_tokens import PromptTokenCounter
+
+OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default, also vLLM's
+# Tokens a chat template adds around each message (role markers, separators): a small,
+# model-independent estimate, after the OpenAI cookbook's "3 per message + 3 for the reply".
+CHAT_TOKENS_PER_MESSAGE = 4
+
+
+class Api(enum.Enum):
+    """Which API a path speaks: decides the error document's shape."""
+
+    TRITON = "triton"
+    OPENAI = "openai"
+
+
+class Kind(enum.Enum):
+    """The tracked operations."""
+
+    GENERATE = "generate"
+    GENERATE_STREAM = "generate_stream"
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One tracked route: its aiohttp path template (also its name in spans and stats)."""
+
+    path: str
+    api: Api
+    kind: Kind
+
+
+TRACKED_ROUTES = (
+    Route("/v2/models/{model}/generate", Api.TRITON, Kind.GENERATE),
+    Route("/v2/models/{model}/generate_stream", Api.TRITON, Kind.GENERATE_STREAM),
+    Route("/v2/models/{model}/versions/{version}/generate", Api.TRITON, Kind.GENERATE),
+    Route("/v2/models/{model}/versions/{version}/generate_stream", Api.TRITON, Kind.GENERATE_STREAM),
+    Route("/v1/completions", Api.OPENAI, Kind.COMPLETIONS),
+    Route("/v1/chat/completions", Api.OPENAI, Kind.CHAT),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the scoreboard needs to know about a request before it runs."""
+
+    model: str | None  # the path's model (Triton) or the body's `model` (OpenAI)
+    stream: bool  # the client asked for tokens as they are generated
+    prompt_tokens: int
+    max_tokens: int
+    parsed: bool  # the body was a JSON object; False: sizes are estimates from the raw bytes
+
+
+def api_for_path(path: str) -> Api:
+    """The API an untracked path most likely speaks, for the gateway's own error answers."""
+    return Api.OPENAI if path.startswith("/v1/") else Api.TRITON
+
+
+def error_body(api: Api, status: int, message: str) -> bytes:
+    """An error document in the API's own shape."""
+    if api is Api.TRITON:
+        return json.dumps({"error": message}).encode()
+    error = {"message": message, "type": _ERROR_TYPES.get(status, "error"), "param": None, "code": status}
+    return json.dumps({"error": error}).encode()
+
+
+_ERROR_TYPES = {
+    429: "hold_queue_full",
+    502: "bad_gateway",
+    503: "service_unavailable",
+    504: "gateway_timeout",
+}
+
+
+def read_request(
+    route: Route,
+    body: bytes,
+    path_model: str | None,
+    counter: PromptTokenCounter,
+    default_max_tokens: int,
+) -> RequestFacts:
+    """Sizes of one request; a body that is not a JSON object is sized from its raw text."""
+    document = _json(body)
+    fallback_max = (
+        OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS if route.kind is Kind.COMPLETIONS else default_max_tokens
+    )
+    if not isinstance(document, dict):
+        text = body.decode("utf-8", errors="replace")
+        return RequestFacts(path_model, False, counter.count(text), fallback_max, parsed=False)
+    if route.api is Api.TRITON:
+        return _triton_request(document, path_model, counter, fallback_max)
+    if route.kind is Kind.CHAT:
+        max_tokens = _int(document.get("max_completion_tokens"))
+        if max_tokens is None:
+            max_tokens = _int(document.get("max_tokens"))
+        prompt = _chat_prompt_tokens(document.get("messages"), counter)
+    else:
+        max_tokens = _int(document.get("max_tokens"))
+        prompt = _completion_prompt_tokens(document.get("prompt"), counter)
+    model = document.get("model")
+    return RequestFacts(
+        model=model if isinstance(model, str) else path_model,
+        stream=document.get("stream") is True,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else fallback_max,
+        parsed=True,
+    )
+
+
+def _triton_request(
+    document: dict[str, Any], model: str | None, counter: PromptTokenCounter, fallback_max: int
+) -> RequestFacts:
+    """Top-level keys win over `parameters`, as Triton maps both to the same input tensors."""
+    parameters = document.get("parameters")
+    keys = {**(parameters if isinstance(parameters, dict) else {}), **document}
+    max_tokens = _int(keys.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = _int(keys.get("sampling_param_max_tokens"))
+    prompt = _int(keys.get("prompt_tokens"))
+    if prompt is None or prompt < 1:
+        text = _scalar(keys.get("text_input"))
+        prompt = counter.count(text) if isinstance(text, str) else 0
+    return RequestFacts(
+        model=model,
+        stream=_scalar(keys.get("stream")) is True,
+        prompt_tokens=prompt,
+        max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else fallback_max,
+        parsed=True,
+    )
+
+
+def _completion_prompt_tokens(prompt: object, counter: PromptTokenCounter) -> int:
+    """`prompt` is a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(prompt, str):
+        return counter.count(prompt)
+    if not isinstance(prompt, list):
+        return 0
+    if all(isinstance(item, int) for item in prompt):
+        return len(prompt)
+    return sum(_completion_prompt_tokens(item, counter) for item in prompt)
+
+
+def _chat_prompt_tokens(messages: object, counter: PromptTokenCounter) -> int:
+    """Each message's text (a string or `text` parts) plus the template's few tokens."""
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            total += counter.count(content)
+        elif isinstance(content, list):
+            total += sum(
+                counter.count(part["text"])
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+        total += CHAT_TOKENS_PER_MESSAGE
+    return total
+
+
+class ResponseTokens:
+    """Output tokens of one response, from its events or its whole body.
+
+    `failed` turns True when a 2xx response carries an error document or event (Triton sends
+    errors inside an already-started 200 stream; vLLM does the same for OpenAI streams).
+    """
+
+    def __init__(self, route: Route, facts: RequestFacts, counter: PromptTokenCounter) -> None:
+        self.route = route
+        self.facts = facts
+        self.counter = counter
+        self.failed = False
+        self.total = 0  # tokens counted so far from events
+
+    def event(self, data: bytes) -> int:
+        """New tokens in one event's data."""
+        if self.route.api is Api.TRITON:
+            new = self._triton(data, per_response=1 if self.facts.stream else self.facts.max_tokens)
+        else:
+            new = self._openai_event(data)
+        self.total += new
+        return new
+
+    def body(self, body: bytes) -> int:
+        """Tokens in a whole (non-streamed) answer."""
+        if self.route.api is Api.TRITON:
+            return self._triton(body, per_response=self.facts.max_tokens)
+        document = _json(body)
+        if not isinstance(document, dict) or self._is_error(document):
+            return 0
+        usage = _usage_tokens(document)
+        if usage is not None:
+            return usage
+        texts = (_choice_text(choice) for choice in _choices(document))
+        return sum(self.counter.count(text) for text in texts)
+
+    def _triton(self, data: bytes, per_response: int) -> int:
+        """One Triton response: its `num_output_tokens` if given, else `per_response`.
+
+        With streaming (decoupled model) TRT-LLM sends one response per generated token by
+        default; without, the single response holds the whole answer (up to `max_tokens`).
+        """
+        document = _json(data)
+        if not isinstance(document, dict):
+            return per_response
+        if self._is_error(document):
+            return 0
+        given = _int(document.get("num_output_tokens"))
+        return per_response if given is None or given < 0 else given
+
+    def _openai_event(self, data: bytes) -> int:
+        """Choices that carry output (1 each, or their `token_ids`); `usage` corrects the total."""
+        if data.strip() == b"[DONE]":
+            return 0
+        document = _json(data)
+        if not isinstance(document, dict) or self._is_error(document):
+            return 0
+        total = self.total + sum(_choice_tokens(choice) for choice in _choices(document))
+        usage = _usage_tokens(document)  # cumulative: last chunk, or every chunk with continuous stats
+        if usage is not None:
+            total = max(total, usage)
+        return total - self.total
+
+    def _is_error(self, document: dict[str, Any]) -> bool:
+        error = "error" in document or document.get("object") == "error"
+        self.failed = self.failed or error
+        return error
+
+
+def _choices(document: dict[str, Any]) -> list[dict[str, Any]]:
+    choices = document.get("choices")
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
+
+
+def _choice_tokens(choice: dict[str, Any]) -> int:
+    """Tokens in one streamed choice: its token ids if listed (trtllm-serve), else 1 if not empty."""
+    token_ids = choice.get("token_ids")
+    if isinstance(token_ids, list):
+        return len(token_ids)
+    delta = choice.get("delta")
+    if isinstance(delta, dict):  # chat: content, reasoning_content, tool_calls... but not the role
+        return int(any(value for key, value in delta.items() if key != "role"))
+    return int(bool(choice.get("text")))
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _usage_tokens(document: dict[str, Any]) -> int | None:
+    usage = document.get("usage")
+    return _int(usage.get("completion_tokens")) if isinstance(usage, dict) else None
+
+
+def _json(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+
+
+def _scalar(value: object) -> object:
+    """A Triton input given as a 1-element list is the same as the scalar."""
+    if isinstance(value, list) and len(value) == 1:
+        return value[0]
+    return value
+
+
+def _int(value: object) -> int | None:
+    value = _scalar(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
