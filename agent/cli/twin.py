@@ -1,8 +1,9 @@
-"""`twin gpus|models|probe`: what the emulated world knows and how one iteration behaves."""
+"""`twin gpus|models|probe|serve`: what the emulated world knows, one iteration, and a live twin."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 from dataclasses import asdict
 
 from agent.catalog import GPUS, MODELS
@@ -18,6 +19,7 @@ from agent.cli.common import (
 from agent.config import Settings
 from agent.twin.memory import kv_cache_blocks
 from agent.twin.power import PowerModel
+from agent.twin.server.app import ServeConfig, serve
 
 
 def cmd_twin_gpus(args: argparse.Namespace) -> int:
@@ -114,9 +116,77 @@ def cmd_twin_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_twin_serve(args: argparse.Namespace) -> int:
+    """Serve the twin with Triton's HTTP API and metrics until SIGINT or SIGTERM."""
+    setup = setup_from_args(args)
+    config = ServeConfig(
+        host=args.host,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        model_name=args.model_name,
+        time_scale=args.time_scale,
+        stats_period_ms=args.stats_period_ms,
+        metrics_interval_ms=args.metrics_interval_ms,
+        iteration_stats_stdout=args.iteration_stats_stdout,
+    )
+    try:
+        asyncio.run(serve(setup, config))
+    except ExceptionGroup as group:
+        first = group.exceptions[0]
+        while isinstance(first, ExceptionGroup):
+            first = first.exceptions[0]
+        raise CliError(f"the twin server stopped: {type(first).__name__}: {first}") from group
+    return 0
+
+
+def _add_serve_parser(twin_sub: argparse._SubParsersAction) -> None:
+    serve_parser = twin_sub.add_parser(
+        "serve",
+        help="serve the twin in real time with Triton's HTTP API, metrics and a GPU control endpoint",
+        description="Prints one JSON line with the bound ports at start; stops on SIGINT or SIGTERM.",
+    )
+    add_setup_args(serve_parser)
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    serve_parser.add_argument(
+        "--http-port", type=int, default=8000, help="Triton HTTP port, 0 for any (default %(default)s)"
+    )
+    serve_parser.add_argument(
+        "--metrics-port", type=int, default=8002, help="metrics port, 0 for any (default %(default)s)"
+    )
+    serve_parser.add_argument(
+        "--model-name", default="ensemble", help="model name clients address (default %(default)s)"
+    )
+    serve_parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="run twin time this many times faster than real time (default %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--stats-period-ms",
+        type=float,
+        default=100.0,
+        help="TRT-LLM backend stats poll period, twin time (default %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--metrics-interval-ms",
+        type=float,
+        default=2000.0,
+        help="Triton --metrics-interval-ms for GPU metrics, twin time (default %(default)s)",
+    )
+    serve_parser.add_argument(
+        "--iteration-stats-stdout",
+        action="store_true",
+        help="write each iteration's TRT-LLM executor JSON to stdout",
+    )
+    serve_parser.set_defaults(func=cmd_twin_serve)
+
+
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
-    """Add `twin gpus`, `twin models` and `twin probe`."""
-    twin = sub.add_parser("twin", help="inspect the emulated GPUs, models and latency model")
+    """Add `twin gpus`, `twin models`, `twin probe` and `twin serve`."""
+    twin = sub.add_parser(
+        "twin", help="inspect the emulated GPUs, models and latency model; serve a live twin"
+    )
     twin_sub = twin.add_subparsers(dest="twin", required=True)
     gpus = twin_sub.add_parser("gpus", help="list known GPUs")
     gpus.add_argument("--json", action="store_true")
@@ -138,3 +208,4 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     probe.add_argument("--clock", type=int, default=None, help="SM clock MHz (default: max)")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_twin_probe)
+    _add_serve_parser(twin_sub)

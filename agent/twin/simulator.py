@@ -21,7 +21,7 @@ from agent.predict.lengths import LengthPredictor, MaxTokensPredictor
 from agent.twin.engine import Batch, Engine, IterationOutcome, RequestRejectedError
 from agent.twin.gpu import DEFAULT_CLOCK_CHANGE_DELAY_S, TwinGpu
 from agent.twin.iteration_stats import InflightBatchingStats, IterationStats, KvCacheStats
-from agent.twin.latency import LatencyModel
+from agent.twin.latency import IterationCost, LatencyModel
 from agent.twin.memory import RUNTIME_RESERVED_BYTES, EngineConfig, activation_bytes, kv_cache_blocks
 from agent.twin.results import SimulationResult
 
@@ -54,6 +54,122 @@ class TwinSetup:
     def latency_model(self) -> LatencyModel:
         """The iteration-time model of this setup."""
         return LatencyModel(self.gpu, self.model, self.tp, self.engine.max_num_tokens)
+
+
+class Jitter:
+    """Log-normal multipliers on iteration time (mean 1), drawn in blocks from one seeded generator."""
+
+    def __init__(self, sigma: float, seed: int) -> None:
+        self.sigma = sigma  # 0: no jitter, every multiplier is exactly 1
+        self._rng = np.random.default_rng(seed)
+        self._block: list[float] = []
+
+    def next(self) -> float:
+        """The next multiplier."""
+        if self.sigma <= 0:
+            return 1.0
+        if not self._block:
+            sigma = self.sigma
+            self._block = np.exp(sigma * self._rng.standard_normal(NOISE_BLOCK) - sigma**2 / 2).tolist()
+        return self._block.pop()
+
+
+@dataclass(frozen=True, slots=True)
+class GpuIteration:
+    """One batch on the GPU: the clock it ran at, what it cost, and its jittered duration and power."""
+
+    start_s: float
+    clock_mhz: int
+    cost: IterationCost
+    duration_s: float
+    power_w: float  # mean board power over the iteration
+
+    @property
+    def end_s(self) -> float:
+        """When the iteration ends."""
+        return self.start_s + self.duration_s
+
+
+def run_on_gpu(
+    gpu: TwinGpu, latency: LatencyModel, batch: Batch, start_s: float, jitter: Jitter
+) -> GpuIteration:
+    """Cost `batch` at the clock in force at `start_s` and account its energy on `gpu`.
+
+    Shared by the virtual-time simulator and the real-time server, so both run the same twin.
+    """
+    clock = gpu.busy_clock_mhz(start_s)
+    cost = latency.iteration(clock, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks)
+    duration = cost.time_s * jitter.next()
+    power = gpu.run_busy(clock, duration, cost)
+    return GpuIteration(start_s, clock, cost, duration, power)
+
+
+def engine_stats(engine: Engine, batch: Batch, end_s: float, duration_s: float) -> EngineStats:
+    """The engine after `batch` completed, as the control core sees it."""
+    # As TRT-LLM's executor: requests are fetched from its queue into the active set up to
+    # max_num_active_requests (= max_batch_size); active but unscheduled ones wait for KV.
+    in_engine = engine.active_requests + len(engine.waiting)
+    active = min(in_engine, engine.config.max_batch_size)
+    return EngineStats(
+        timestamp_s=end_s,
+        iteration=batch.iteration,
+        active_requests=active,
+        queued_requests=in_engine - active,
+        scheduled_requests=batch.decode_seqs + len(batch.context),
+        context_requests=len(batch.context),
+        generation_requests=batch.decode_seqs,
+        paused_requests=engine.paused_requests,
+        context_tokens=batch.tokens - batch.decode_seqs,
+        kv_blocks_used=engine.used_blocks,
+        kv_blocks_max=engine.kv_blocks,
+        tokens_per_block=engine.config.tokens_per_block,
+        iteration_latency_s=duration_s,
+    )
+
+
+def iteration_stats(
+    setup: TwinSetup, batch: Batch, outcome: IterationOutcome, stats: EngineStats, epoch_s: float
+) -> IterationStats:
+    """The record TRT-LLM's executor would log for this iteration (`epoch_s`: wall time of time 0).
+
+    The twin keeps no host buffers and no prefix cache: CPU/pinned memory and reused blocks
+    are 0; block allocation counters are not modelled (None, as older releases omit them).
+    """
+    started = [seq for seq, (_, past) in zip(batch.context, batch.prefill_chunks, strict=True) if past == 0]
+    queue_ms = sum(outcome.start_s - seq.request.arrival_s for seq in started) * 1000.0
+    return IterationStats(
+        timestamp=epoch_s + outcome.end_s,
+        iter=batch.iteration,
+        iter_latency_ms=(outcome.end_s - outcome.start_s) * 1000.0,
+        new_active_requests_queue_latency_ms=queue_ms,
+        num_new_active_requests=len(started),
+        num_active_requests=stats.active_requests,
+        num_queued_requests=stats.queued_requests,
+        num_completed_requests=len(outcome.finished),
+        max_num_active_requests=setup.engine.max_batch_size,
+        gpu_mem_usage=activation_bytes(setup.model, setup.tp, setup.engine) + RUNTIME_RESERVED_BYTES,
+        cpu_mem_usage=0,
+        pinned_mem_usage=0,
+        kv_cache_stats=KvCacheStats(
+            max_num_blocks=stats.kv_blocks_max,
+            free_num_blocks=stats.kv_blocks_max - stats.kv_blocks_used,
+            used_num_blocks=stats.kv_blocks_used,
+            tokens_per_block=stats.tokens_per_block,
+            alloc_total_blocks=None,
+            alloc_new_blocks=None,
+            reused_blocks=0,
+            missed_blocks=None,
+        ),
+        inflight_batching_stats=InflightBatchingStats(
+            num_scheduled_requests=stats.scheduled_requests,
+            num_context_requests=stats.context_requests,
+            num_gen_requests=stats.generation_requests,
+            num_paused_requests=stats.paused_requests,
+            num_ctx_tokens=stats.context_tokens,
+            micro_batch_id=0,
+            avg_num_decoded_tokens_per_iter=1.0,
+        ),
+    )
 
 
 def fit_to_engine(requests: Sequence[Request], setup: TwinSetup) -> tuple[list[Request], int]:
@@ -94,8 +210,7 @@ class Simulation:
         self.gpu = TwinGpu(setup.gpu, setup.clock_change_delay_s)
         self.engine = Engine(setup.engine, setup.kv_blocks(), setup.max_seq_len)
         self.latency = setup.latency_model()
-        self._rng = np.random.default_rng(setup.seed)
-        self._jitter: list[float] = []
+        self._jitter = Jitter(setup.noise, setup.seed)
         self.now_s = 0.0
         self._last_stats: EngineStats | None = None
         self._last_clock: int | None = None
@@ -112,14 +227,6 @@ class Simulation:
         self._pending: dict[int, Request] = {}
         predictor = length_predictor or MaxTokensPredictor()
         self._predicted = predictor.predict(self.requests).tolist() if self.gated and self.requests else []
-
-    def _next_jitter(self) -> float:
-        if self.setup.noise <= 0:
-            return 1.0
-        if not self._jitter:
-            sigma = self.setup.noise
-            self._jitter = np.exp(sigma * self._rng.standard_normal(NOISE_BLOCK) - sigma**2 / 2).tolist()
-        return self._jitter.pop()
 
     def _apply_policy(self, result: SimulationResult) -> None:
         """Ask the policy; lock the clock it chose and start the requests it admitted."""
@@ -169,73 +276,6 @@ class Simulation:
         for done in outcome.finished:
             self.scoreboard.finish(done.request.request_id)
 
-    def _stats(self, batch: Batch, end_s: float, duration_s: float) -> EngineStats:
-        engine = self.engine
-        # As TRT-LLM's executor: requests are fetched from its queue into the active set up to
-        # max_num_active_requests (= max_batch_size); active but unscheduled ones wait for KV.
-        in_engine = engine.active_requests + len(engine.waiting)
-        active = min(in_engine, engine.config.max_batch_size)
-        return EngineStats(
-            timestamp_s=end_s,
-            iteration=batch.iteration,
-            active_requests=active,
-            queued_requests=in_engine - active,
-            scheduled_requests=batch.decode_seqs + len(batch.context),
-            context_requests=len(batch.context),
-            generation_requests=batch.decode_seqs,
-            paused_requests=engine.paused_requests,
-            context_tokens=batch.tokens - batch.decode_seqs,
-            kv_blocks_used=engine.used_blocks,
-            kv_blocks_max=engine.kv_blocks,
-            tokens_per_block=engine.config.tokens_per_block,
-            iteration_latency_s=duration_s,
-        )
-
-    def _iteration_stats(self, batch: Batch, outcome: IterationOutcome, stats: EngineStats) -> IterationStats:
-        """The record TRT-LLM's executor would log for this iteration.
-
-        The twin keeps no host buffers and no prefix cache: CPU/pinned memory and reused blocks
-        are 0; block allocation counters are not modelled (None, as older releases omit them).
-        """
-        started = [
-            seq for seq, (_, past) in zip(batch.context, batch.prefill_chunks, strict=True) if past == 0
-        ]
-        queue_ms = sum(outcome.start_s - seq.request.arrival_s for seq in started) * 1000.0
-        setup = self.setup
-        return IterationStats(
-            timestamp=self.epoch_s + outcome.end_s,
-            iter=batch.iteration,
-            iter_latency_ms=(outcome.end_s - outcome.start_s) * 1000.0,
-            new_active_requests_queue_latency_ms=queue_ms,
-            num_new_active_requests=len(started),
-            num_active_requests=stats.active_requests,
-            num_queued_requests=stats.queued_requests,
-            num_completed_requests=len(outcome.finished),
-            max_num_active_requests=setup.engine.max_batch_size,
-            gpu_mem_usage=activation_bytes(setup.model, setup.tp, setup.engine) + RUNTIME_RESERVED_BYTES,
-            cpu_mem_usage=0,
-            pinned_mem_usage=0,
-            kv_cache_stats=KvCacheStats(
-                max_num_blocks=stats.kv_blocks_max,
-                free_num_blocks=stats.kv_blocks_max - stats.kv_blocks_used,
-                used_num_blocks=stats.kv_blocks_used,
-                tokens_per_block=stats.tokens_per_block,
-                alloc_total_blocks=None,
-                alloc_new_blocks=None,
-                reused_blocks=0,
-                missed_blocks=None,
-            ),
-            inflight_batching_stats=InflightBatchingStats(
-                num_scheduled_requests=stats.scheduled_requests,
-                num_context_requests=stats.context_requests,
-                num_gen_requests=stats.generation_requests,
-                num_paused_requests=stats.paused_requests,
-                num_ctx_tokens=stats.context_tokens,
-                micro_batch_id=0,
-                avg_num_decoded_tokens_per_iter=1.0,
-            ),
-        )
-
     def run(self, progress: Callable[[float], None] | None = None) -> SimulationResult:
         """Replay every request to completion and return what happened."""
         wall_start = time.perf_counter()
@@ -258,21 +298,15 @@ class Simulation:
                 self.gpu.run_idle(self.now_s, arrivals[next_req])
                 self.now_s = arrivals[next_req]
                 continue
-            clock = self.gpu.busy_clock_mhz(self.now_s)
-            cost = self.latency.iteration(
-                clock, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks
-            )
-            duration = cost.time_s * self._next_jitter()
-            power = self.gpu.run_busy(clock, duration, cost)
-            end = self.now_s + duration
-            outcome = self.engine.complete(batch, self.now_s, end)
-            result.record_iteration(outcome, clock, power)
+            run = run_on_gpu(self.gpu, self.latency, batch, self.now_s, self._jitter)
+            outcome = self.engine.complete(batch, self.now_s, run.end_s)
+            result.record_iteration(outcome, run.clock_mhz, run.power_w)
             self._track(outcome)
-            self._last_stats = self._stats(batch, end, duration)
-            self._last_clock = clock
+            self._last_stats = engine_stats(self.engine, batch, run.end_s, run.duration_s)
+            self._last_clock = run.clock_mhz
             if self.on_iteration is not None:
-                self.on_iteration(self._iteration_stats(batch, outcome, self._last_stats))
-            self.now_s = end
+                self.on_iteration(iteration_stats(self.setup, batch, outcome, self._last_stats, self.epoch_s))
+            self.now_s = run.end_s
             if progress is not None and batch.iteration % 2048 == 0:
                 progress(min(self.now_s / horizon, 1.0) if horizon else 1.0)
         result.finish(
