@@ -17,6 +17,8 @@ from agent.domain import GpuSpec, ModelSpec
 GIB = 1024**3
 ASSUMED_CLOCK_FLOOR_MHZ = 210  # unverified floor, see module docstring
 CLOCK_STEP_MHZ = 15
+# Lowest clock profiled and controlled: energy savings flatten out well above it.
+DEFAULT_MIN_CLOCK_MHZ = 600
 
 
 def _clock_grid(max_mhz: int) -> tuple[int, ...]:

@@ -1,39 +1,139 @@
 """Settings from `THROTTLLEM_*` environment variables, validated once at start-up.
 
-Every setting has a default that works on the twin; a bad value stops the program with the
+Every setting has a default that works on the twin (and, for the sidecar, in the safest mode: no
+clock is ever set unless `THROTTLLEM_ACTUATOR` says so); a bad value stops the program with the
 variable's name and what it accepts. Command-line flags override these per invocation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.catalog import GPUS, MODELS
+from agent.policy_factory import check_live_spec, needs_limits
+from agent.slo_presets import load_slo_preset
 
 ENV_PREFIX = "THROTTLLEM_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Where each engine serves its metrics by default: Triton on its metrics port, the others on their API port.
+DEFAULT_METRICS_URLS = {
+    "triton": "http://127.0.0.1:8002/metrics",
+    "trtllm-serve": "http://127.0.0.1:8000/metrics",
+    "vllm": "http://127.0.0.1:8000/metrics",
+}
+POLICY_NAMES = ("max", "static", "reactive", "throttllem", "oracle")
 
 
 class ConfigError(ValueError):
     """An environment variable with a value we cannot use."""
 
 
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _problem(field: str, value: Any, message: str) -> str:
+    return f"{env_name(field)}={value!r}: {message}"
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http(s) URL like http://host:port[/path]")
+    return value
+
+
 class Settings(BaseSettings):
-    """What the twin and (later) the sidecar run with."""
+    """What the twin, the benchmarks and the sidecar run with."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    gpu: str = Field("a100-sxm4-80gb", description="GPU type (catalog name) of the twin")
+    # What runs where: the engine and GPU models (catalog names) and the policy.
+    gpu: str = Field(
+        "a100-sxm4-80gb", description="GPU type (catalog name): the twin's, or the GPU the sidecar controls"
+    )
     model: str = Field("llama3-8b", description="served model (catalog name)")
     tp: int = Field(1, ge=1, le=8, description="tensor-parallel degree of the engine")
-    policy: str = Field("max", description="clock policy: max | static:<MHz>")
+    policy: str = Field(
+        "max",
+        description="clock policy: max | static:<MHz> | reactive | throttllem[:<length predictor>] "
+        "(oracle: simulate and replay only)",
+    )
     seed: int = Field(0, ge=0, description="seed for every random choice of a run")
     models_dir: Path = Field(Path("models"), description="trained models: <gpu>/<model>-tp<N>/, lengths/")
     clock_change_delay_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="delay before a clock change takes effect (twin GPU)"
     )
+    slo: str = Field("mlperf-server", description="SLO preset: a name in policies/ or a path to a .toml file")
+
+    # The engine the sidecar watches.
+    engine: Literal["triton", "trtllm-serve", "vllm"] = Field("triton", description="engine kind")
+    engine_metrics_url: str | None = Field(
+        None,
+        description="engine metrics URL; unset: http://127.0.0.1:8002/metrics for triton, "
+        "http://127.0.0.1:8000/metrics for trtllm-serve and vllm",
+    )
+    engine_url: str = Field(
+        "http://127.0.0.1:8000", description="engine HTTP API: where the gateway forwards requests"
+    )
+    engine_model: str | None = Field(
+        None, description="model whose metrics to read when the engine serves several; unset: the only one"
+    )
+    max_batch_size: int = Field(256, ge=1, description="engine's max batch size (as built), for admission")
+    max_num_tokens: int = Field(8192, ge=1, description="engine's max tokens per iteration, for admission")
+
+    # The sidecar's listeners.
+    gateway_host: str = Field("0.0.0.0", description="address the gateway (admission proxy) listens on")
+    gateway_port: int = Field(
+        0, ge=0, le=65535, description="gateway port; 0: no gateway (metrics-only mode, no admission control)"
+    )
+    sidecar_host: str = Field("0.0.0.0", description="address of /healthz, /readyz and /metrics")
+    sidecar_port: int = Field(9401, ge=0, le=65535, description="port of /healthz, /readyz and /metrics")
+    admin_enabled: bool = Field(
+        False, description="serve the admin API (GET /admin/state, POST /admin/policy) on 127.0.0.1 only"
+    )
+    admin_port: int = Field(9402, ge=0, le=65535, description="admin API port (always bound to 127.0.0.1)")
+
+    # The GPU: how the clock is set and energy read.
+    actuator: Literal["nvml", "twin", "dryrun"] = Field(
+        "dryrun", description="how clocks are set: nvml | twin | dryrun (decide and log, never set)"
+    )
+    meter: Literal["nvml", "dcgm", "twin", "none"] = Field(
+        "none", description="where energy is read: nvml | dcgm | twin | none"
+    )
+    gpu_uuid: str | None = Field(
+        None, description="GPU to control, by NVML UUID (GPU-...); preferred to the index"
+    )
+    gpu_index: int | None = Field(None, ge=0, description="GPU to control, by NVML index")
+    twin_url: str | None = Field(None, description="twin server URL (for the twin actuator or meter)")
+    dcgm_url: str = Field(
+        "http://localhost:9400/metrics", description="dcgm-exporter metrics URL (dcgm meter)"
+    )
+
+    # The control loop and its watchdog.
+    poll_interval_ms: int = Field(100, ge=10, le=10_000, description="control period: one poll and decision")
+    telemetry_stale_s: float = Field(
+        2.0, gt=0.0, le=600.0, description="engine telemetry older than this: stock clocks, admission open"
+    )
+    hold_queue_max: int = Field(256, ge=1, description="requests that may wait for admission; more get 429")
+    max_hold_s: float = Field(5.0, gt=0.0, le=600.0, description="longest a request waits for admission")
+    shutdown_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="after SIGTERM, exit hard if cleanup takes longer than this"
+    )
+    trace_sample_every: int = Field(
+        50, ge=1, description="export one decision span in this many (every clock change is exported)"
+    )
+    tokenizer: Path | None = Field(
+        None, description="tokenizer.json the gateway counts prompt tokens with; unset: it estimates"
+    )
+    log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
     @field_validator("gpu", "model")
     @classmethod
@@ -43,15 +143,137 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(sorted(known))}")
         return value
 
+    @field_validator("policy")
+    @classmethod
+    def _policy_name(cls, value: str) -> str:
+        if value.partition(":")[0] not in POLICY_NAMES:
+            raise ValueError(
+                "must be max | static:<MHz> | reactive | throttllem[:<length predictor>] "
+                "(oracle: simulate and replay only)"
+            )
+        return value
 
-def load_settings() -> Settings:
-    """Read and validate the environment; errors name the variable and what it accepts."""
+    @field_validator("engine_metrics_url", "engine_url", "twin_url", "dcgm_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+    @field_validator("gpu_uuid")
+    @classmethod
+    def _uuid(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("GPU-"):
+            raise ValueError(
+                "must be a full GPU UUID as nvidia-smi -L prints it (GPU-...); MIG cannot lock clocks"
+            )
+        return value
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("must be an existing tokenizer file (tokenizer.json)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {' | '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    def sidecar_problems(self) -> list[str]:
+        """What stops the sidecar running with these settings together; each names a variable."""
+        problems = self._gpu_selection_problems()
+        if needs_limits(self.policy) and not self.models_dir.is_dir():
+            problems.append(_problem("models_dir", str(self.models_dir), "must be an existing directory"))
+        else:
+            try:
+                check_live_spec(self.policy, GPUS[self.gpu], self.models_dir, self.model, self.tp)
+            except ValueError as exc:
+                problems.append(_problem("policy", self.policy, str(exc)))
+        if needs_limits(self.policy) and not self.gateway_port:
+            problems.append(
+                _problem(
+                    "gateway_port",
+                    self.gateway_port,
+                    f"must be set for THROTTLLEM_POLICY={self.policy}: it decides from the gateway's view "
+                    "of every request, and without one it would never leave stock clocks",
+                )
+            )
+        try:
+            load_slo_preset(self.slo, self.model)
+        except ValueError as exc:
+            problems.append(_problem("slo", self.slo, str(exc)))
+        if self.telemetry_stale_s * 1000 <= 2 * self.poll_interval_ms:
+            problems.append(
+                _problem(
+                    "telemetry_stale_s",
+                    self.telemetry_stale_s,
+                    f"must exceed two control periods (THROTTLLEM_POLL_INTERVAL_MS={self.poll_interval_ms})",
+                )
+            )
+        return problems
+
+    def _gpu_selection_problems(self) -> list[str]:
+        problems = []
+        if self.twin_url is None and "twin" in (self.actuator, self.meter):
+            problems.append(
+                _problem("twin_url", None, "must be set when THROTTLLEM_ACTUATOR or THROTTLLEM_METER is twin")
+            )
+        selected = (self.gpu_uuid is not None) + (self.gpu_index is not None)
+        if selected == 2:
+            problems.append(
+                _problem("gpu_index", self.gpu_index, "must be unset when THROTTLLEM_GPU_UUID is set")
+            )
+        elif selected == 0 and (self.actuator == "nvml" or self.meter in ("nvml", "dcgm")):
+            problems.append(
+                _problem(
+                    "gpu_uuid",
+                    None,
+                    "must be set (or THROTTLLEM_GPU_INDEX) for the nvml actuator and nvml or dcgm meters",
+                )
+            )
+        return problems
+
+    @property
+    def metrics_url(self) -> str:
+        """The engine metrics URL, or the engine kind's default."""
+        return self.engine_metrics_url or DEFAULT_METRICS_URLS[self.engine]
+
+
+def load_settings(overrides: Mapping[str, Any] | None = None, *, sidecar: bool = False) -> Settings:
+    """Read and validate the environment (then `overrides`, from flags); errors name what to change.
+
+    `sidecar` also checks the settings together as the sidecar uses them (`sidecar_problems`):
+    other commands must not fail for a sidecar-only combination they never use.
+    """
+    overrides = dict(overrides or {})
     try:
-        return Settings()
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{ENV_PREFIX}{field.upper()}={err.get('input')!r}: {message}")
+            message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+            field = str(err["loc"][0])
+            name = f"--{field.replace('_', '-')}" if field in overrides else env_name(field)
+            problems.append(f"{name}={err.get('input')!r}: {message}")
         raise ConfigError("; ".join(problems)) from None
+    problems = settings.sidecar_problems() if sidecar else []
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return settings
+
+
+def settings_table_markdown() -> str:
+    """The README's table of every environment variable: name, default, meaning."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for field, info in Settings.model_fields.items():
+        default = info.default
+        shown = (
+            "unset"
+            if default is None
+            else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        )
+        meaning = (info.description or "").replace("|", "\\|").replace("<", "\\<")
+        rows.append(f"| `{env_name(field)}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"

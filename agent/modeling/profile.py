@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from agent.catalog import DEFAULT_MIN_CLOCK_MHZ
 from agent.control.policies import StaticPolicy
 from agent.domain import Request
 from agent.modeling.dataset import (
@@ -36,7 +37,6 @@ from agent.twin.gpu import UnsupportedClockError
 from agent.twin.iteration_stats import IterationStats
 from agent.twin.simulator import Simulation, TwinSetup
 
-DEFAULT_MIN_CLOCK_MHZ = 600  # lowest clock profiled: energy savings flatten out well above it
 KV_OCCUPANCY = (0.02, 0.95)  # share of the KV cache a point's batch fills (prompt + output)
 DECODE_TOKENS = (8, 64)  # decode iterations every request gets once the whole batch is running
 ITERATION_MS_DECIMALS = 6  # nanoseconds: far below the jitter, keeps the CSV readable

@@ -1,0 +1,318 @@
+"""The sidecar process: builds every part from the settings, serves its ports, stops safely.
+
+Start: open the engine adapter, the actuator and the meter → `loop.start()` clears any clock
+lock a previous run left → listeners (sidecar port, gateway, admin) → one JSON line on stdout
+(`{"event": "listening", ...}`, so callers find ports chosen with port 0) → the control loop and
+the energy sampler run as named tasks of one TaskGroup.
+
+Stop (the `stop` event, set on SIGTERM/SIGINT, or a task that died): cancel the tasks → open
+admission and reset the clocks (`loop.shutdown`) *before* anything else, so a slow gateway drain
+never keeps a GPU throttled → close listeners, adapter, meter → flush traces. A daemon thread
+exits the process hard if that takes longer than THROTTLLEM_SHUTDOWN_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.catalog import GPUS
+from agent.config import Settings
+from agent.control.admission import EngineLimits
+from agent.domain import GpuSpec
+from agent.engines import build_adapter
+from agent.engines.base import EngineAdapter
+from agent.gpus import Actuator, GpuControlError, Meter, build_actuator, build_meter
+from agent.policy_factory import BuiltPolicy, build_policy, check_live_spec, needs_limits
+from agent.predict.lengths import MaxTokensPredictor
+from agent.sidecar.energy import EnergySampler
+from agent.sidecar.http_api import build_admin_app, build_sidecar_app
+from agent.sidecar.loop import ControlLoop, LoopConfig, PolicyBuilder
+from agent.sidecar.metrics import SidecarMetrics
+from agent.sidecar.spans import DecisionSpans
+from agent.sidecar.tracker import RequestTracker
+from agent.slo_presets import control_targets, load_slo_preset
+from agent.telemetry import Tracing, setup_tracing
+
+log = logging.getLogger(__name__)
+
+ADMIN_HOST = "127.0.0.1"  # the admin API changes what the GPU does: never reachable from outside
+GATEWAY_DRAIN_S = 5.0  # in-flight gateway requests get this long to finish on shutdown (clocks already reset)
+HARD_EXIT_CODE = 70  # EX_SOFTWARE: cleanup hung; the clocks may still be locked
+Announce = Callable[[dict[str, Any]], None]
+
+
+def print_listening(ports: dict[str, Any]) -> None:
+    """The one line on stdout that says the sidecar is up, and on which ports."""
+    print(json.dumps({"event": "listening", **ports}), flush=True)
+
+
+@dataclasses.dataclass(slots=True)
+class Sidecar:
+    """Every long-lived part of one sidecar, wired."""
+
+    settings: Settings
+    loop: ControlLoop
+    tracker: RequestTracker
+    energy: EnergySampler
+    metrics: SidecarMetrics
+    gateway_app: web.Application | None
+
+
+class HardExitBackstop:
+    """Exits the process if cleanup is not done in time: a hung reset must not hang the pod."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timer = threading.Timer(timeout_s, self._fire)
+        self._timer.daemon = True
+        self._timeout_s = timeout_s
+
+    def arm(self) -> None:
+        """Start counting; call once."""
+        self._timer.start()
+
+    def cancel(self) -> None:
+        """Cleanup finished in time."""
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        log.critical(
+            "cleanup took longer than %g s: exiting now; GPU clocks may still be locked", self._timeout_s
+        )
+        logging.shutdown()
+        os._exit(HARD_EXIT_CODE)
+
+
+def policy_builder(settings: Settings, gpu: GpuSpec) -> PolicyBuilder:
+    """Builds any live policy spec for the configured engine, SLO preset and models."""
+    targets = control_targets(load_slo_preset(settings.slo, settings.model))
+
+    def build(spec: str, limits: EngineLimits | None) -> BuiltPolicy:
+        return build_policy(
+            spec, gpu, settings.model, settings.tp, limits, targets, settings.models_dir, seed=settings.seed
+        )
+
+    return build
+
+
+async def open_actuator(settings: Settings) -> Actuator:
+    """The configured actuator (dry-run observes NVML or the twin when one is configured)."""
+    return await build_actuator(
+        settings.actuator,
+        uuid=settings.gpu_uuid,
+        index=settings.gpu_index,
+        twin_url=settings.twin_url,
+        gpu_spec=GPUS[settings.gpu],
+    )
+
+
+async def open_meter(settings: Settings) -> Meter | None:
+    """The configured meter; energy only feeds metrics, so one that cannot open is logged and skipped."""
+    if settings.meter == "none":
+        return None
+    try:
+        return await build_meter(
+            settings.meter,
+            uuid=settings.gpu_uuid,
+            index=settings.gpu_index,
+            twin_url=settings.twin_url,
+            dcgm_url=settings.dcgm_url,
+        )
+    except GpuControlError as exc:
+        log.error("energy meter %s unavailable, running without energy metrics: %s", settings.meter, exc)
+        return None
+
+
+def open_adapter(settings: Settings) -> EngineAdapter:
+    """The engine adapter, selecting the configured model where the engine serves several."""
+    opts: dict[str, Any] = {}
+    if settings.engine_model is not None:
+        opts["model" if settings.engine == "triton" else "model_name"] = settings.engine_model
+    return build_adapter(settings.engine, settings.metrics_url, **opts)
+
+
+async def build_sidecar(settings: Settings, tracing: Tracing, stack: contextlib.AsyncExitStack) -> Sidecar:
+    """Open and wire every part; `stack` closes what was opened, in reverse order."""
+    adapter = open_adapter(settings)
+    stack.push_async_callback(adapter.close)
+    meter = await open_meter(settings)
+    if meter is not None:
+        stack.push_async_callback(meter.close)
+    actuator = await open_actuator(settings)
+    try:
+        clocks = await actuator.supported_clocks_mhz()
+    except BaseException:
+        await actuator.close()
+        raise
+    gpu = dataclasses.replace(GPUS[settings.gpu], sm_clocks_mhz=clocks)  # the device's own clock list
+    tracker = RequestTracker(
+        MaxTokensPredictor(), max_held=settings.hold_queue_max, max_hold_s=settings.max_hold_s
+    )
+    loop = ControlLoop(
+        adapter=adapter,
+        actuator=actuator,
+        tracker=tracker,
+        gpu=gpu,
+        policy_spec=settings.policy,
+        build_policy=policy_builder(settings, gpu),
+        config=LoopConfig(
+            poll_interval_s=settings.poll_interval_ms / 1000,
+            stale_after_s=settings.telemetry_stale_s,
+            max_batch_size=settings.max_batch_size,
+            max_num_tokens=settings.max_num_tokens,
+        ),
+    )
+    stack.push_async_callback(loop.shutdown)
+    gateway_app, output_tokens = build_gateway(settings, tracker, tracing)
+    energy = EnergySampler(meter)
+    info = {"engine": settings.engine, "gpu": settings.gpu, "model": settings.model, "tp": str(settings.tp)}
+    metrics = SidecarMetrics(loop, tracker, energy, info, output_tokens)
+    loop.add_observer(metrics.observe)
+    loop.add_observer(DecisionSpans(tracing.provider.get_tracer(__name__), settings.trace_sample_every))
+    log.info(
+        "engine %s at %s; actuator %s; meter %s; policy %s; SLO %s; gateway %s",
+        settings.engine,
+        adapter.name,
+        actuator.name,
+        "none" if meter is None else meter.name,
+        settings.policy,
+        settings.slo,
+        f"to {settings.engine_url}"
+        if gateway_app is not None
+        else "off (metrics-only: no admission control)",
+    )
+    return Sidecar(settings, loop, tracker, energy, metrics, gateway_app)
+
+
+def build_gateway(
+    settings: Settings, tracker: RequestTracker, tracing: Tracing
+) -> tuple[web.Application | None, Callable[[], int | None]]:
+    """The gateway app when a gateway port is set, and a reader of the output tokens it counted."""
+    if not settings.gateway_port:
+        return None, lambda: None
+    from agent.sidecar.gateway import Gateway, build_gateway_app
+    from agent.sidecar.prompt_tokens import build_prompt_counter
+
+    gateway = Gateway(
+        tracker,
+        settings.engine_url,
+        prompt_tokens=build_prompt_counter(settings.tokenizer),
+        tracer_provider=tracing.provider,
+    )
+    return build_gateway_app(gateway), lambda: gateway.stats.streamed_tokens + gateway.stats.body_tokens
+
+
+async def listen(
+    app: web.Application, host: str, port: int, stack: contextlib.AsyncExitStack, **runner: Any
+) -> int:
+    """Serve `app` on host:port (0: any free port); returns the port."""
+    app_runner = web.AppRunner(app, **runner)
+    await app_runner.setup()
+    stack.push_async_callback(app_runner.cleanup)
+    await web.TCPSite(app_runner, host, port).start()
+    return int(app_runner.addresses[0][1])
+
+
+async def serve(settings: Settings, stop: asyncio.Event, announce: Announce = print_listening) -> None:
+    """Run the sidecar until `stop` is set; always resets the clocks on the way out."""
+    backstop = HardExitBackstop(settings.shutdown_timeout_s)
+    tracing = setup_tracing(settings)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                stack.callback(tracing.shutdown)
+                sidecar = await build_sidecar(settings, tracing, stack)
+                await sidecar.loop.start()
+                ports = await start_listeners(sidecar, stack)
+                # Pushed last, so it runs first: clocks are reset before the gateway drains.
+                stack.push_async_callback(sidecar.loop.shutdown)
+                await run_tasks(sidecar, stop, lambda: announce(ports))
+            finally:
+                backstop.arm()  # whatever ends the run, cleanup (the stack unwinding) is bounded
+                log.info("stopping: admission open and clocks reset first, then closing")
+    finally:
+        backstop.cancel()
+    log.info("stopped")
+
+
+async def start_listeners(sidecar: Sidecar, stack: contextlib.AsyncExitStack) -> dict[str, Any]:
+    """Bind the sidecar port, the gateway and the admin API; returns the ports bound."""
+    settings = sidecar.settings
+    ports: dict[str, Any] = {
+        "sidecar_port": await listen(
+            build_sidecar_app(sidecar.loop, sidecar.metrics),
+            settings.sidecar_host,
+            settings.sidecar_port,
+            stack,
+            access_log=None,
+        ),
+        "gateway_port": None,
+        "admin_port": None,
+    }
+    if sidecar.gateway_app is not None:
+        ports["gateway_port"] = await listen(
+            sidecar.gateway_app,
+            settings.gateway_host,
+            settings.gateway_port,
+            stack,
+            shutdown_timeout=GATEWAY_DRAIN_S,
+        )
+    if settings.admin_enabled:
+        gpu = sidecar.loop.gpu
+
+        def check(spec: str) -> None:
+            check_live_spec(spec, gpu, settings.models_dir, settings.model, settings.tp)
+            if needs_limits(spec) and sidecar.gateway_app is None:
+                raise ValueError(f"policy {spec!r} needs the gateway, and this sidecar runs without one")
+
+        ports["admin_port"] = await listen(
+            build_admin_app(sidecar.loop, check), ADMIN_HOST, settings.admin_port, stack, access_log=None
+        )
+    return ports
+
+
+async def run_tasks(sidecar: Sidecar, stop: asyncio.Event, ready: Callable[[], None]) -> None:
+    """The control loop and the energy sampler, until `stop` is set (or one of them dies)."""
+    async with asyncio.TaskGroup() as group:
+        tasks = [
+            group.create_task(sidecar.loop.run(), name="control-loop"),
+            group.create_task(sidecar.energy.run(), name="energy-sampler"),
+        ]
+        ready()
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+
+
+def run_sidecar(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT; 0 after a clean stop."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop()
+
+        def on_signal(name: str) -> None:
+            if stop.is_set():
+                log.warning("%s again: still cleaning up", name)
+                return
+            log.info("%s received", name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            running.add_signal_handler(sig, on_signal, sig.name)
+        await serve(settings, stop)
+
+    asyncio.run(main())
+    sys.stdout.flush()
+    return 0

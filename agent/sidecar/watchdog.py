@@ -1,0 +1,89 @@
+"""The watchdog's rules: when the loop may steer, and how long it waits before trying again.
+
+Pure: the loop passes times and counts in; nothing here reads a clock or does I/O. The rule
+behind all of it is DESIGN.md's "Safety first": a locked clock outlives the process, so whenever
+the loop cannot trust what it sees (telemetry stale, a tick failed, the GPU gone) the GPU goes
+back to stock clocks and requests stop waiting for admission.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class LoopMode(enum.Enum):
+    """What the control loop is doing; every mode but CONTROLLING means stock clocks, admission open."""
+
+    STARTING = "starting"  # no decision yet: first telemetry, or the policy is being built
+    CONTROLLING = "controlling"  # the policy decides clock and admission
+    STALE = "stale"  # engine telemetry too old to steer by
+    FAILED = "failed"  # a tick raised; the loop restarts after a backoff
+
+
+class ActuatorMode(enum.Enum):
+    """What the loop does with the GPU."""
+
+    ACTUATING = "actuating"  # sets clocks
+    OBSERVING = "observing"  # dry-run: decides and records, never sets (configured, or no permission)
+    LOST = "lost"  # the GPU stopped answering: nothing is set any more
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryTimes:
+    """When the loop last saw the engine, on the loop's monotonic clock (None: never)."""
+
+    last_ok_s: float | None  # last poll that read usable metrics (new iteration or not)
+    last_new_s: float | None  # last poll that brought a new iteration
+    busy_since_s: float | None  # since when requests have been in flight without a pause; None: idle
+
+
+def stale_reason(now_s: float, times: TelemetryTimes, bound_s: float) -> str | None:
+    """Why the telemetry is too old to steer by, or None when it is fresh.
+
+    Stale: no usable metrics within `bound_s` (engine or endpoint down, format broken), or
+    requests in flight and no new iteration within `bound_s` of the later of the last iteration
+    and the start of the busy spell (engine stuck, or its metrics frozen). An idle engine runs no
+    iterations, so an old iteration alone is not staleness.
+    """
+    if times.last_ok_s is None:
+        return "no engine metrics read yet"
+    age = now_s - times.last_ok_s
+    if age > bound_s:
+        return f"engine metrics unreadable for {age:.1f} s (bound {bound_s:g} s)"
+    if times.busy_since_s is not None:
+        since = times.busy_since_s if times.last_new_s is None else max(times.last_new_s, times.busy_since_s)
+        if now_s - since > bound_s:
+            return (
+                f"no new engine iteration for {now_s - since:.1f} s while requests are in flight "
+                f"(bound {bound_s:g} s)"
+            )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential wait before restarting a failed loop: a deterministic bug must not spin a core."""
+
+    initial_s: float = 0.1
+    max_s: float = 5.0
+
+    def delay_s(self, failures: int) -> float:
+        """Wait after the `failures`-th failure in a row (1-based)."""
+        return min(self.max_s, self.initial_s * 2.0 ** max(failures - 1, 0))
+
+
+def not_ready_reasons(
+    mode: LoopMode, actuator: ActuatorMode, stale: str | None, policy_error: str | None
+) -> list[str]:
+    """Why /readyz answers 503; empty when the sidecar steers with fresh telemetry."""
+    reasons = []
+    if mode is LoopMode.FAILED:
+        reasons.append("the control loop failed and is restarting")
+    if stale is not None:
+        reasons.append(f"telemetry stale: {stale}")
+    if actuator is ActuatorMode.LOST:
+        reasons.append("the GPU is lost: clocks are no longer set")
+    if policy_error is not None:
+        reasons.append(f"the policy could not be built: {policy_error}")
+    return reasons

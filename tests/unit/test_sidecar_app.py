@@ -1,0 +1,166 @@
+"""The whole sidecar in-process: built from Settings, serving its ports, stopping with clocks reset."""
+
+import asyncio
+import os
+import socket
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent.config import Settings
+from agent.sidecar.app import HARD_EXIT_CODE, HardExitBackstop, serve
+from tests.unit.sidecar_fakes import FakeTrtllmServe
+from tests.unit.test_gpus_twin import FakeTwinGpu
+from tests.unit.test_gpus_twin import serve as serve_twin
+
+COMPLETION = {
+    "id": "cmpl-1",
+    "object": "text_completion",
+    "model": "m",
+    "choices": [{"index": 0, "text": " one two three", "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def start_engine() -> tuple[web.AppRunner, str]:
+    stats = FakeTrtllmServe()
+
+    async def completions(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(COMPLETION)
+
+    async def ready(_: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    app = web.Application()
+    app.router.add_get("/metrics", stats.metrics)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v2/health/ready", ready)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def settings(engine_url: str, twin_url: str, **extra) -> Settings:
+    return Settings(
+        engine="trtllm-serve",
+        engine_metrics_url=f"{engine_url}/metrics",
+        engine_url=engine_url,
+        sidecar_host="127.0.0.1",
+        sidecar_port=0,
+        actuator="twin",
+        twin_url=twin_url,
+        policy="static:1050",
+        poll_interval_ms=20,
+        **extra,
+    )
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def test_admin_api_switches_policy_and_stop_resets_the_clock():
+    async def scenario():
+        gpu = FakeTwinGpu()
+        twin, twin_url = await serve_twin(gpu)
+        engine, engine_url = await start_engine()
+        stop, announced = asyncio.Event(), asyncio.Queue()
+        task = asyncio.create_task(
+            serve(
+                settings(engine_url, twin_url, admin_enabled=True, admin_port=0), stop, announced.put_nowait
+            )
+        )
+        ports = await asyncio.wait_for(announced.get(), 10)
+        assert ports["gateway_port"] is None and ports["admin_port"]
+        admin = f"http://127.0.0.1:{ports['admin_port']}/admin"
+
+        async def locked_at(mhz):
+            return gpu.locked == mhz
+
+        async with aiohttp.ClientSession() as session:
+            await until(lambda: locked_at(1050))
+            async with session.post(f"{admin}/policy", json={"policy": "static:1700"}) as resp:
+                assert resp.status == 400 and "not a supported clock" in (await resp.json())["error"]
+            async with session.post(f"{admin}/policy", json={"policy": "throttllem"}) as resp:
+                assert resp.status == 400 and "needs the gateway" in (await resp.json())["error"]
+            async with session.post(f"{admin}/policy", json={"policy": "static:900"}) as resp:
+                assert resp.status == 202
+            await until(lambda: locked_at(900))
+            async with session.get(f"{admin}/state") as resp:
+                state = await resp.json()
+            assert state["loop"]["policy"] == "static:900" and state["loop"]["mode"] == "controlling"
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await engine.cleanup()
+        await twin.cleanup()
+        return gpu
+
+    gpu = asyncio.run(scenario())
+    assert gpu.requests[-1] == ("DELETE", None) and gpu.locked is None
+
+
+def test_gateway_serves_through_the_sidecar_and_feeds_the_tracker():
+    pytest.importorskip("agent.sidecar.gateway")
+
+    async def scenario():
+        gpu = FakeTwinGpu()
+        twin, twin_url = await serve_twin(gpu)
+        engine, engine_url = await start_engine()
+        stop, announced = asyncio.Event(), asyncio.Queue()
+        config = settings(
+            engine_url,
+            twin_url,
+            gateway_host="127.0.0.1",
+            gateway_port=free_port(),
+            admin_enabled=True,
+            admin_port=0,
+        )
+        task = asyncio.create_task(serve(config, stop, announced.put_nowait))
+        ports = await asyncio.wait_for(announced.get(), 10)
+        gateway = f"http://127.0.0.1:{ports['gateway_port']}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{gateway}/v2/health/ready") as resp:
+                assert resp.status == 200 and await resp.text() == "ready"
+            body = {"model": "m", "prompt": "hello there", "max_tokens": 3}
+            async with session.post(f"{gateway}/v1/completions", json=body) as resp:
+                assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == " one two three"
+            async with session.get(f"http://127.0.0.1:{ports['admin_port']}/admin/state") as resp:
+                requests = (await resp.json())["requests"]
+            async with session.get(f"http://127.0.0.1:{ports['sidecar_port']}/metrics") as resp:
+                metrics = await resp.text()
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        await engine.cleanup()
+        await twin.cleanup()
+        return requests, metrics, gpu
+
+    requests, metrics, gpu = asyncio.run(scenario())
+    assert requests["admitted"] == 1 and requests["completed"] == 1 and requests["held"] == 0
+    assert "throttllem_requests_completed_total 1.0" in metrics
+    assert gpu.locked is None
+
+
+def test_backstop_exits_hard_only_when_cleanup_hangs(monkeypatch):
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    finished = HardExitBackstop(0.05)
+    finished.arm()
+    finished.cancel()
+    hung = HardExitBackstop(0.05)
+    hung.arm()
+    time.sleep(0.3)
+    assert exits == [HARD_EXIT_CODE]

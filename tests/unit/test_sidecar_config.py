@@ -1,0 +1,126 @@
+"""Sidecar settings: every bad value is refused with the variable's name and what it accepts."""
+
+import re
+
+import pytest
+
+from agent.config import ConfigError, Settings, env_name, load_settings, settings_table_markdown
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(env_name(name), raising=False)
+
+
+def test_defaults_are_a_safe_sidecar():
+    settings = load_settings(sidecar=True)
+    assert (settings.actuator, settings.meter, settings.gateway_port) == ("dryrun", "none", 0)
+    assert settings.poll_interval_ms == 100 and settings.telemetry_stale_s == 2.0
+    assert not settings.admin_enabled
+    assert settings.metrics_url == "http://127.0.0.1:8002/metrics"
+
+
+def test_metrics_url_default_follows_the_engine(monkeypatch):
+    monkeypatch.setenv("THROTTLLEM_ENGINE", "trtllm-serve")
+    assert load_settings().metrics_url == "http://127.0.0.1:8000/metrics"
+    monkeypatch.setenv("THROTTLLEM_ENGINE_METRICS_URL", "http://engine:9000/stats")
+    assert load_settings().metrics_url == "http://engine:9000/stats"
+
+
+BAD_VALUES = [
+    ("THROTTLLEM_ENGINE", "tgi", "must be 'triton', 'trtllm-serve' or 'vllm'"),
+    ("THROTTLLEM_ENGINE_METRICS_URL", "localhost:8002", "must be an http(s) URL"),
+    ("THROTTLLEM_ENGINE_URL", "ftp://x", "must be an http(s) URL"),
+    ("THROTTLLEM_GATEWAY_PORT", "70000", "must be less than or equal to 65535"),
+    ("THROTTLLEM_SIDECAR_PORT", "-1", "must be greater than or equal to 0"),
+    ("THROTTLLEM_ADMIN_ENABLED", "perhaps", "must be a valid boolean"),
+    ("THROTTLLEM_ADMIN_PORT", "x", "must be a valid integer"),
+    ("THROTTLLEM_ACTUATOR", "sysfs", "must be 'nvml', 'twin' or 'dryrun'"),
+    ("THROTTLLEM_METER", "rapl", "must be 'nvml', 'dcgm', 'twin' or 'none'"),
+    ("THROTTLLEM_GPU_UUID", "0", "must be a full GPU UUID"),
+    ("THROTTLLEM_GPU_INDEX", "-2", "must be greater than or equal to 0"),
+    ("THROTTLLEM_TWIN_URL", "twin:8000", "must be an http(s) URL"),
+    ("THROTTLLEM_DCGM_URL", "nope", "must be an http(s) URL"),
+    ("THROTTLLEM_POLICY", "turbo", "must be max | static:<MHz>"),
+    ("THROTTLLEM_POLICY", "static:1234", "not a supported clock"),
+    ("THROTTLLEM_POLICY", "oracle", "needs true output lengths"),
+    ("THROTTLLEM_POLICY", "throttllem:oracle", "live requests have no true output length"),
+    ("THROTTLLEM_POLICY", "throttllem:noisy:30", "live requests have no true output length"),
+    ("THROTTLLEM_SLO", "fastest", "unknown SLO preset"),
+    ("THROTTLLEM_MODELS_DIR", "/nonexistent/models", "must be an existing directory"),
+    ("THROTTLLEM_POLL_INTERVAL_MS", "5", "must be greater than or equal to 10"),
+    ("THROTTLLEM_TELEMETRY_STALE_S", "0", "must be greater than 0"),
+    ("THROTTLLEM_HOLD_QUEUE_MAX", "0", "must be greater than or equal to 1"),
+    ("THROTTLLEM_MAX_HOLD_S", "-1", "must be greater than 0"),
+    ("THROTTLLEM_TOKENIZER", "/nonexistent/tokenizer.json", "must be an existing tokenizer file"),
+    ("THROTTLLEM_LOG_LEVEL", "LOUD", "must be one of DEBUG | INFO | WARNING | ERROR"),
+    ("THROTTLLEM_SHUTDOWN_TIMEOUT_S", "0", "must be greater than 0"),
+    ("THROTTLLEM_TRACE_SAMPLE_EVERY", "0", "must be greater than or equal to 1"),
+    ("THROTTLLEM_MAX_BATCH_SIZE", "0", "must be greater than or equal to 1"),
+    ("THROTTLLEM_MAX_NUM_TOKENS", "0", "must be greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), BAD_VALUES)
+def test_bad_value_names_the_variable(monkeypatch, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    if variable == "THROTTLLEM_MODELS_DIR":
+        monkeypatch.setenv("THROTTLLEM_POLICY", "throttllem")
+        monkeypatch.setenv("THROTTLLEM_GATEWAY_PORT", "8080")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(sidecar=True)
+    text = str(caught.value)
+    assert text.startswith(f"{variable}=")
+    assert message in text
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"THROTTLLEM_ACTUATOR": "twin"}, "THROTTLLEM_TWIN_URL"),
+        ({"THROTTLLEM_METER": "twin"}, "THROTTLLEM_TWIN_URL"),
+        ({"THROTTLLEM_ACTUATOR": "nvml"}, "THROTTLLEM_GPU_UUID"),
+        ({"THROTTLLEM_METER": "dcgm"}, "THROTTLLEM_GPU_UUID"),
+        ({"THROTTLLEM_GPU_UUID": "GPU-1", "THROTTLLEM_GPU_INDEX": "0"}, "THROTTLLEM_GPU_INDEX"),
+        ({"THROTTLLEM_POLICY": "throttllem"}, "THROTTLLEM_GATEWAY_PORT"),
+        (
+            {"THROTTLLEM_POLL_INTERVAL_MS": "1000", "THROTTLLEM_TELEMETRY_STALE_S": "1.5"},
+            "THROTTLLEM_TELEMETRY_STALE_S",
+        ),
+    ],
+)
+def test_settings_that_do_not_fit_together_name_what_to_change(monkeypatch, env, variable):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    load_settings()  # each value is fine alone: other commands are not affected
+    with pytest.raises(ConfigError, match=f"^{variable}="):
+        load_settings(sidecar=True)
+
+
+def test_flag_overrides_are_named_as_flags(monkeypatch):
+    monkeypatch.setenv("THROTTLLEM_POLICY", "static:1050")
+    assert load_settings({"policy": "max"}).policy == "max"
+    with pytest.raises(ConfigError, match=r"^--sidecar-port=70000: must be less than or equal to 65535"):
+        load_settings({"sidecar_port": 70000})
+
+
+def test_table_lists_every_variable_with_its_default():
+    table = settings_table_markdown()
+    for name in Settings.model_fields:
+        assert f"| `{env_name(name)}` |" in table
+    assert "| `THROTTLLEM_POLL_INTERVAL_MS` | `100` |" in table
+    assert "| `THROTTLLEM_ADMIN_ENABLED` | `false` |" in table
+    assert "| `THROTTLLEM_TWIN_URL` | unset |" in table
+    rows = table.strip().splitlines()
+    assert all(len(re.split(r"(?<!\\)\|", row)) == 5 for row in rows)  # 3 cells: every | escaped
+
+
+def test_run_with_settings_that_do_not_fit_prints_one_line_and_exits_1(monkeypatch, capsys):
+    from agent.cli import main
+
+    monkeypatch.setenv("THROTTLLEM_ACTUATOR", "twin")
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("throttllem: error: THROTTLLEM_TWIN_URL=None: must be set")
