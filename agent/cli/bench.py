@@ -8,7 +8,6 @@ from pathlib import Path
 
 from agent.bench.decide import benchmark_decide
 from agent.bench.policies import build_policy, ips_model_dir
-from agent.bench.predictor import FRESH_SEED_OFFSET, benchmark_predictor
 from agent.cli.common import add_setup_args, flatten, print_figures, print_json, progress_bar, setup_from_args
 from agent.cli.models import PROFILE_NOISE
 from agent.config import Settings
@@ -46,6 +45,8 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
 
 def cmd_bench_predictor(args: argparse.Namespace) -> int:
     """Accuracy on fresh twin rows and latency of the shipped IPS model."""
+    from agent.bench.predictor import FRESH_SEED_OFFSET, benchmark_predictor  # lightgbm: slow to import
+
     setup = replace(setup_from_args(args), noise=args.noise, seed=args.seed + FRESH_SEED_OFFSET)
     model_dir = args.model_dir or ips_model_dir(args.models_dir, setup.gpu.name, setup.model.name, setup.tp)
     with progress_bar("bench predictor", not args.json) as progress:

@@ -15,7 +15,6 @@ from agent.cli.common import (
 )
 from agent.config import Settings
 from agent.modeling.dataset import DatasetWriter, file_sha256, read_dataset
-from agent.modeling.lengths import train_length_model
 from agent.modeling.profile import (
     DEFAULT_MIN_CLOCK_MHZ,
     SweepConfig,
@@ -24,7 +23,6 @@ from agent.modeling.profile import (
     run_sweep,
     sweep_meta,
 )
-from agent.modeling.train import TrainConfig, train_ips_model
 
 PROFILE_NOISE = 0.02  # iteration-time jitter of the twin while profiling: models must face noise
 
@@ -53,6 +51,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an IPS model on profile datasets and export it with its card."""
+    from agent.modeling.train import TrainConfig, train_ips_model  # lightgbm: slow to import
+
     dataset = read_dataset(args.data)
     data: list[dict[str, Any]] = [
         {"file": path.name, "sha256": file_sha256(path), "setup": meta}
@@ -73,6 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_lengths(args: argparse.Namespace) -> int:
     """Train the learned generation-length predictor on the shipped Azure traces."""
+    from agent.modeling.lengths import train_length_model  # lightgbm: slow to import
+
     card = train_length_model(args.out, seed=args.seed)
     figures = {
         f"{cls}.{name}.{key}": value

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.bench.policies import POLICY_SPECS
-from agent.bench.replay import ReplayConfig, plan_runs, replay, versions
-from agent.bench.report import write_report
 from agent.cli.common import (
     CliError,
     add_setup_args,
@@ -96,6 +94,9 @@ def _print_groups(results: dict[str, Any], out: Path) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Run every policy on the same arrivals at each load and write the report."""
+    from agent.bench.replay import ReplayConfig, plan_runs, replay, versions  # matplotlib: slow
+    from agent.bench.report import write_report
+
     started = time.perf_counter()
     if args.rate_scale is not None and args.loads is not None:
         raise CliError("--loads and --rate-scale both set the arrival rate: pass one")
