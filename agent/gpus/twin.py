@@ -5,8 +5,9 @@ Contract (served by the twin):
     POST   {base}/twin/v1/gpu/locked_clocks  {"min_mhz": f, "max_mhz": f} -> 200 state | 400 {"error"}
     DELETE {base}/twin/v1/gpu/locked_clocks  -> 200 state
 
-An endpoint that cannot be reached is a lost GPU (`GpuLostError`) naming the URL; any other
-answer that breaks the contract is a `GpuControlError` quoting it.
+An endpoint that cannot be reached is a `TransientGpuError` naming the URL: unlike a device that
+fell off the bus, a server on the network comes back (a restarted twin), so the caller retries
+next tick. Any other answer that breaks the contract is a `GpuControlError` quoting it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from agent.gpus.base import EnergyAccumulator, GpuControlError, GpuLostError, check_supported_clock
+from agent.gpus.base import EnergyAccumulator, GpuControlError, TransientGpuError, check_supported_clock
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class TwinGpuClient:
                 text = await resp.text()
                 status = resp.status
         except (aiohttp.ClientConnectionError, TimeoutError) as err:
-            raise GpuLostError(
+            raise TransientGpuError(
                 f"twin GPU endpoint {url} is unreachable ({err!r}): check that the twin server is "
                 "running and that the URL is right"
             ) from err

@@ -9,7 +9,7 @@ from aiohttp import web
 from agent.gpus import (
     DryRunActuator,
     GpuControlError,
-    GpuLostError,
+    TransientGpuError,
     TwinActuator,
     TwinMeter,
     UnsupportedClockError,
@@ -148,13 +148,13 @@ def test_refusal_by_the_twin_quotes_its_error():
     assert fake.requests == [("POST", {"min_mhz": 450, "max_mhz": 450})]  # no reset: nothing locked
 
 
-def test_unreachable_endpoint_is_a_lost_gpu_naming_the_url():
+def test_unreachable_endpoint_is_transient_and_names_the_url():
     url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(GpuLostError, match=f"{url}/twin/v1/gpu is unreachable"):
+    with pytest.raises(TransientGpuError, match=f"{url}/twin/v1/gpu is unreachable"):
         asyncio.run(TwinActuator.open(url))
 
 
-def test_endpoint_that_goes_away_mid_run_is_lost():
+def test_endpoint_that_goes_away_mid_run_is_transient():
     fake = FakeTwinGpu()
 
     async def scenario():
@@ -166,7 +166,7 @@ def test_endpoint_that_goes_away_mid_run_is_lost():
         finally:
             await act.close()
 
-    with pytest.raises(GpuLostError, match="unreachable"):
+    with pytest.raises(TransientGpuError, match="unreachable"):
         asyncio.run(scenario())
 
 
