@@ -104,11 +104,15 @@ def run_on_gpu(
     return GpuIteration(start_s, clock, cost, duration, power)
 
 
-def engine_stats(engine: Engine, batch: Batch, end_s: float, duration_s: float) -> EngineStats:
-    """The engine after `batch` completed, as the control core sees it."""
+def engine_stats(
+    engine: Engine, batch: Batch, outcome: IterationOutcome, end_s: float, duration_s: float
+) -> EngineStats:
+    """The engine's statistics for the iteration that ran `batch`, as the control core sees them."""
     # As TRT-LLM's executor: requests are fetched from its queue into the active set up to
     # max_num_active_requests (= max_batch_size); active but unscheduled ones wait for KV.
-    in_engine = engine.active_requests + len(engine.waiting)
+    # Requests that finished in this iteration were active in it: without them, active minus
+    # scheduled (the requests waiting) would go negative after a burst of completions.
+    in_engine = engine.active_requests + len(engine.waiting) + len(outcome.finished)
     active = min(in_engine, engine.config.max_batch_size)
     return EngineStats(
         timestamp_s=end_s,
@@ -302,7 +306,7 @@ class Simulation:
             outcome = self.engine.complete(batch, self.now_s, run.end_s)
             result.record_iteration(outcome, run.clock_mhz, run.power_w)
             self._track(outcome)
-            self._last_stats = engine_stats(self.engine, batch, run.end_s, run.duration_s)
+            self._last_stats = engine_stats(self.engine, batch, outcome, run.end_s, run.duration_s)
             self._last_clock = run.clock_mhz
             if self.on_iteration is not None:
                 self.on_iteration(iteration_stats(self.setup, batch, outcome, self._last_stats, self.epoch_s))

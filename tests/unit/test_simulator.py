@@ -124,3 +124,18 @@ def test_cli_writes_iteration_stats_lines(tmp_path):
     assert main(["simulate", "--duration", "15", "--iteration-stats", str(out), "--json"]) == 0
     lines = out.read_text().splitlines()
     assert lines and all(parse_executor_json(line)[0].iter == i for i, line in enumerate(lines))
+
+
+def test_requests_waiting_is_never_negative_even_after_a_burst_of_completions():
+    setup = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
+    requests = [Request(i, 0.0, 64, 32, 8) for i in range(12)] + [Request(99, 0.05, 64, 32, 40)]
+    waiting = []
+    simulate(
+        setup,
+        MaxPolicy(),
+        requests,
+        on_iteration=lambda record: waiting.append(
+            record.num_active_requests - record.inflight_batching_stats.num_scheduled_requests
+        ),
+    )
+    assert min(waiting) >= 0

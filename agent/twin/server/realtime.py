@@ -227,7 +227,7 @@ class RealtimeTwin:
         outcome = self.engine.complete(batch, start, run.end_s)
         self._cursor_s = run.end_s
         self._deliver(batch, outcome, decoding)
-        stats = engine_stats(self.engine, batch, run.end_s, run.duration_s)
+        stats = engine_stats(self.engine, batch, outcome, run.end_s, run.duration_s)
         record = iteration_stats(self.setup, batch, outcome, stats, self.clock.epoch_s)
         self._records.append(record)
         self._notify(methodcaller("on_iteration", record))
