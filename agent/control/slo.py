@@ -59,16 +59,16 @@ def slack_s(
     """
     keep = 1.0 - targets.margin
     budget = keep * targets.tpot_s
-    first = np.where(np.isnan(requests.first_token_s), start_s, requests.first_token_s)
+    waiting = np.isnan(requests.first_token_s)
+    first = np.where(waiting, start_s, requests.first_token_s)
     # TPOT if the request stopped at the end of segment k: first + budget * (g + end_k - 1) must
     # reach start + elapsed_k, for every k up to its finish.
     tightest = np.minimum.accumulate(budget * segment_end[None, :] - elapsed_s, axis=1)
     slack = first + budget * (requests.generated - 1) - start_s + tightest[:, finish_segment]
-    finish = start_s + elapsed_s[:, finish_segment]
     if targets.ttft_s is not None:
-        waiting = np.isnan(requests.first_token_s)
         ttft = requests.arrival_s + keep * targets.ttft_s - first
         slack = np.where(waiting, np.minimum(slack, ttft), slack)
     if targets.e2e_s is not None:
+        finish = start_s + elapsed_s[:, finish_segment]
         slack = np.minimum(slack, requests.arrival_s + keep * targets.e2e_s - finish)
     return slack

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,17 @@ class IpsTable:
         rows[:, TP], rows[:, BATCH], rows[:, KV], rows[:, CLOCK] = tp, b.ravel(), k.ravel(), c.ravel()
         rows[:, PREFILL] = prefill_tokens
         return cls(clocks, batch_step, float(kv_blocks) / (kv_points - 1), ips(rows).reshape(c.shape))
+
+    def at_every_clock(self, batch: float, kv_blocks: float) -> np.ndarray:
+        """IPS at every clock for one (batch, KV) point: `lookup` for scalars, without the gathers."""
+        _, batches, kvs = self.ips.shape
+        pos = min(max(kv_blocks / self.kv_step, 0.0), kvs - 1)
+        lo = min(int(pos), kvs - 2)
+        frac = pos - lo
+        b = math.ceil(batch / self.batch_step) if self.batch_step > 1 else int(batch)
+        b = min(max(b, 0), batches - 1)
+        below = self.ips[:, b, lo]
+        return below + (self.ips[:, b, lo + 1] - below) * frac
 
     def lookup(self, clock_index: np.ndarray | int, batch: np.ndarray, kv_blocks: np.ndarray) -> np.ndarray:
         """IPS at the given clock index(es), batch sizes and KV blocks."""

@@ -69,10 +69,7 @@ class LearnedTimeModel:
         """Time of an iteration with a prefill, at every candidate clock (a table or one ONNX call)."""
         table = self.prefill_tables.get(prefill_tokens)
         if table is not None:
-            every = np.arange(len(table.clocks_mhz))
-            return 1.0 / np.maximum(
-                table.lookup(every, np.full_like(every, batch), np.full(len(every), kv_blocks)), 1e-9
-            )
+            return 1.0 / np.maximum(table.at_every_clock(batch, kv_blocks), 1e-9)
         rows = self._prefill_rows.copy()
         rows[:, BATCH], rows[:, KV], rows[:, PREFILL] = max(batch, 1), kv_blocks, prefill_tokens
         return self.model.iteration_s(rows)

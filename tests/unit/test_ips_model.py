@@ -110,3 +110,13 @@ def test_rejects_a_directory_without_a_model(tmp_path):
 def test_training_needs_enough_rows(tmp_path):
     with pytest.raises(ValueError, match="at least"):
         train_ips_model(np.ones((10, 5)), np.ones(10), tmp_path, data=[])
+
+
+def test_a_point_at_every_clock_matches_the_gathered_lookup():
+    rng = np.random.default_rng(0)
+    for batch_step in (1, 8):
+        table = IpsTable(np.arange(5.0), batch_step, 37.5, rng.random((5, 33, 16)))
+        every = np.arange(5)
+        for batch, kv in ((0, 0.0), (17, 101.3), (255, 562.5), (300, 9999.0), (3, -4.0)):
+            gathered = table.lookup(every, np.full(5, batch), np.full(5, kv))
+            assert np.allclose(table.at_every_clock(batch, kv), gathered), (batch_step, batch, kv)
