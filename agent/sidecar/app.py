@@ -267,6 +267,7 @@ async def start_listeners(sidecar: Sidecar, stack: contextlib.AsyncExitStack) ->
             settings.gateway_port,
             stack,
             shutdown_timeout=GATEWAY_DRAIN_S,
+            access_log=None,  # one span per request is the record; a log line each is noise at load
         )
     if settings.admin_enabled:
         gpu = sidecar.loop.gpu
