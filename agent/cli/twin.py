@@ -128,6 +128,7 @@ def cmd_twin_serve(args: argparse.Namespace) -> int:
         stats_period_ms=args.stats_period_ms,
         metrics_interval_ms=args.metrics_interval_ms,
         iteration_stats_stdout=args.iteration_stats_stdout,
+        iteration_stats_endpoint=args.iteration_stats_endpoint,
     )
     try:
         asyncio.run(serve(setup, config))
@@ -178,6 +179,12 @@ def _add_serve_parser(twin_sub: argparse._SubParsersAction) -> None:
         "--iteration-stats-stdout",
         action="store_true",
         help="write each iteration's TRT-LLM executor JSON to stdout",
+    )
+    serve_parser.add_argument(
+        "--iteration-stats-endpoint",
+        action="store_true",
+        help="also answer trtllm-serve's GET /metrics on the HTTP port: every iteration's stats "
+        "(with its latency) since the last call, as a JSON array",
     )
     serve_parser.set_defaults(func=cmd_twin_serve)
 

@@ -28,12 +28,14 @@ DRYRUN_ADVICE = "or set THROTTLLEM_ACTUATOR=dryrun to run in shadow mode (decide
 # interfaces.md §4.2/§8.1: locked-clock writes are NVML "device commands" that need root with
 # CAP_SYS_ADMIN. `nvidia-smi -acp UNRESTRICTED` only relaxes the deprecated application-clock
 # commands, so it is deliberately not suggested.
-PERMISSION_ADVICE = (
+CLOCK_PERMISSION_ADVICE = (
     "locking or resetting GPU clocks needs root with CAP_SYS_ADMIN: run the sidecar as root, "
     "with `docker run --cap-add SYS_ADMIN`, or in Kubernetes with "
     "securityContext.capabilities.add: [SYS_ADMIN] (or privileged: true) in a namespace whose "
-    f"pod-security level is `privileged`; {DRYRUN_ADVICE}"
+    "pod-security level is `privileged`"
 )
+# What the sidecar can do instead; a profile cannot (it measures locked clocks), so it says only the above.
+PERMISSION_ADVICE = f"{CLOCK_PERMISSION_ADVICE}; {DRYRUN_ADVICE}"
 
 
 class GpuControlError(Exception):

@@ -8,8 +8,8 @@ over the supported clocks above a floor), the batch (log-uniform: load spans ord
 magnitude, so each octave gets similar coverage) and the KV-cache occupancy (uniform, ~2–95%
 of capacity).
 
-The sweep talks to a `ProfileTarget`: here the twin, in virtual time; later a live GPU (engine
-adapter, load generator, NVML). Point i depends only on (seed, i), so a sweep can stop and
+The sweep talks to a `ProfileTarget`: here the twin, in virtual time; or a live engine and GPU
+(`agent.modeling.live_profile`). Point i depends only on (seed, i), so a sweep can stop and
 resume, and the same seed gives the same file.
 """
 
@@ -55,7 +55,7 @@ class ProfileLimits:
 
 
 class ProfileTarget(Protocol):
-    """An engine on a GPU whose clock can be locked: the twin, or later a live GPU."""
+    """An engine on a GPU whose clock can be locked: the twin, or a live GPU."""
 
     def setup_description(self) -> dict[str, Any]:
         """JSON-ready description of the hardware and engine, for the dataset sidecar."""
@@ -75,7 +75,9 @@ class ProfileTarget(Protocol):
         """Lock `clock_mhz`, submit all requests at once, run them to completion, reset the clock.
 
         Returns one row per iteration, prefill iterations included, tagged with `point` (which
-        also seeds anything random the target does, so a point is reproducible on its own).
+        also seeds anything random the target does, so a point is reproducible on its own). A
+        live target may return none (its engine showed no usable iteration): the point is then
+        not written, and a resumed sweep runs it again.
         """
         ...
 
@@ -304,6 +306,8 @@ def run_sweep(
             continue
         point = sweep_point(limits, clocks, config.seed, index, config.min_clock_mhz)
         written = target.run_point(point.clock_mhz, point.prompts, point.outputs, index)
+        if not written:
+            continue
         writer.write_point(written)
         new_points += 1
         new_rows += len(written)

@@ -12,6 +12,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.catalog import gpu_spec, model_spec
+from agent.engines.trtllm_serve import TrtllmServeAdapter, parse_serve_metrics
 from agent.twin.server.app import ServeConfig, TwinServer, running_server
 from agent.twin.server.protocol import MULTIPLE_RESPONSES_ERROR, SERVER_METADATA
 from agent.twin.simulator import TwinSetup
@@ -343,3 +344,37 @@ def test_energy_only_rises_and_a_lower_clock_slows_decoding_and_draws_less_power
         assert slow_power < fast_power
 
     run(scenario, time_scale=10.0, metrics_interval_ms=100.0)
+
+
+def test_trtllm_serve_iteration_stats_endpoint_drains_every_iteration_once():
+    async def scenario(c: Client) -> None:
+        status, _ = await c.post(GENERATE, {"text_input": "x" * 400, "max_tokens": 6})
+        assert status == 200
+        status, raw = await c.get("/metrics")
+        assert status == 200
+        text = raw.decode()
+        assert text.startswith("[{") and ", " not in text and '": ' not in text  # Starlette's compact JSON
+        records = json.loads(text)
+        assert [list(r) for r in records] == [sorted(r) for r in records]  # nlohmann's sorted keys
+        served = parse_serve_metrics(text)
+        assert served.rejected == ()
+        assert [s.context_tokens for s in served.stats] == [100, 0, 0, 0, 0, 0]  # prefill, then 5 decodes
+        assert [s.scheduled_requests for s in served.stats] == [1] * 6
+        assert [s.iteration for s in served.stats] == list(range(served.stats[0].iteration, 6))
+        assert all(s.iteration_latency_s > 0.005 for s in served.stats)
+        assert await c.get("/metrics") == (200, b"[]")  # drained, as trtllm-serve's queue is
+
+        status, _ = await c.post(GENERATE, {"text_input": "x", "max_tokens": 3})
+        async with TrtllmServeAdapter(c.url("/metrics"), session=c.session) as adapter:
+            assert [s.iteration for s in await adapter.poll_all()] == [6, 7, 8]
+            assert await adapter.poll_all() == []
+
+    run(scenario, iteration_stats_endpoint=True)
+
+
+def test_the_triton_port_has_no_iteration_stats_unless_asked():
+    async def scenario(c: Client) -> None:
+        status, body = await c.get("/metrics")
+        assert status == 404 and json.loads(body) == {"error": "Not Found"}
+
+    run(scenario)

@@ -11,6 +11,7 @@ and a GPU control endpoint standing in for NVML clock locking. Modules, one job 
     gpu_control.py  /twin/v1/gpu: lock, unlock and read the twin GPU
     exposition.py   Prometheus text exactly as Triton's prometheus-cpp writes it
     metrics.py      the metric families and the metrics port
-    collectors.py   Triton's pollers and request counters that feed the metrics
+    collectors.py   Triton's pollers and request counters that feed the metrics; trtllm-serve's
+                    iteration stats queue
     app.py          assembly, task supervision, start-up and shutdown
 """

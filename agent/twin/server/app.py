@@ -20,6 +20,7 @@ from aiohttp import web
 
 from agent.twin.server.collectors import (
     DcgmSampler,
+    IterationStatsQueue,
     IterationStatsWriter,
     RequestCounters,
     poll_engine_stats,
@@ -46,6 +47,7 @@ class ServeConfig:
     stats_period_ms: float = 100.0  # backend's stats_check_period_ms, twin time
     metrics_interval_ms: float = 2000.0  # Triton's --metrics-interval-ms (GPU metrics), twin time
     iteration_stats_stdout: bool = False  # write each iteration's executor JSON to stdout
+    iteration_stats_endpoint: bool = False  # also answer trtllm-serve's GET /metrics on the HTTP port
 
     def __post_init__(self) -> None:
         for name in ("http_port", "metrics_port"):
@@ -72,11 +74,14 @@ class TwinServer:
         observers: list[TwinObserver] = [RequestCounters(self.metrics)]
         if config.iteration_stats_stdout:
             observers.append(IterationStatsWriter(out))
+        stats_queue = IterationStatsQueue() if config.iteration_stats_endpoint else None
+        if stats_queue is not None:
+            observers.append(stats_queue)
         self.runtime = RealtimeTwin(setup, TwinClock(config.time_scale), observers)
         self.gpu = GpuControl(self.runtime, uuids[0])
         self._runners = [
             web.AppRunner(
-                triton_app(self.runtime, config.model_name, self.gpu),
+                triton_app(self.runtime, config.model_name, self.gpu, stats_queue),
                 access_log=None,
                 shutdown_timeout=SHUTDOWN_TIMEOUT_S,
             ),

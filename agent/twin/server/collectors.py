@@ -9,20 +9,23 @@
   incremented by the change in NVML's millijoule counter since the previous poll, so the first
   poll is its baseline. Power and utilisation are means over the last second of twin time.
 - Per-request counters and token-length histograms, on each finished or rejected request.
-- Optionally, each iteration's executor JSON on stdout.
+- Optionally, each iteration's executor JSON on stdout, and a queue of iteration records that
+  `GET /metrics` on the HTTP port drains, as trtllm-serve's does (reference/interfaces.md §1.6).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+from collections import deque
 from typing import TextIO
 
 from agent.twin.engine import FinishedRequest
 from agent.twin.iteration_stats import IterationStats, to_executor_json, triton_gauge_values
 from agent.twin.memory import RUNTIME_RESERVED_BYTES, activation_bytes
 from agent.twin.server.metrics import FinishedRequestTimes, GpuReading, TritonMetrics
-from agent.twin.server.realtime import Generation, RealtimeTwin, TwinObserver
+from agent.twin.server.realtime import STATS_RING, Generation, RealtimeTwin, TwinObserver
 from agent.twin.simulator import TwinSetup
 
 MIB = 1024 * 1024
@@ -120,3 +123,28 @@ class IterationStatsWriter(TwinObserver):
         """Write and flush one record."""
         self.out.write(to_executor_json(stats) + "\n")
         self.out.flush()
+
+
+class IterationStatsQueue(TwinObserver):
+    """trtllm-serve's iteration stats queue: every record is returned once, the oldest dropped past a bound.
+
+    The bound is TRT-LLM's `iter_stats_max_iterations` (1000 by default), so a twin nobody reads
+    holds a fixed amount of memory.
+    """
+
+    def __init__(self, max_records: int = STATS_RING) -> None:
+        self._records: deque[IterationStats] = deque(maxlen=max_records)
+
+    def on_iteration(self, stats: IterationStats) -> None:
+        """Queue one record."""
+        self._records.append(stats)
+
+    def drain_json(self) -> str:
+        """The records since the last call as trtllm-serve answers them, and forget them.
+
+        trtllm-serve parses each executor JSON record into a dict and returns the list through
+        Starlette's `JSONResponse`: compact separators, keys in the executor's (sorted) order.
+        """
+        records = [json.loads(to_executor_json(stats)) for stats in self._records]
+        self._records.clear()
+        return json.dumps(records, ensure_ascii=False, allow_nan=False, separators=(",", ":"))

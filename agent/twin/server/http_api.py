@@ -10,6 +10,10 @@ an error document. `generate_stream` sends each response as `data: <json>\n\n` (
 without `"stream": true` the model sends one response, so the stream has one event. An error
 raised by the engine (a request that can never fit) is the first response: HTTP 400, as a
 plain error document from `generate` and as an event from `generate_stream`.
+
+Optionally the port also answers trtllm-serve's `GET /metrics` (reference/interfaces.md §1.6):
+the executor iteration stats since the last call, as a JSON array, so a client can read every
+iteration with its latency (Triton itself only exports the last one per stats poll, as gauges).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from agent.twin.engine import RequestRejectedError
+from agent.twin.server.collectors import IterationStatsQueue
 from agent.twin.server.gpu_control import GpuControl, gpu_routes
 from agent.twin.server.protocol import (
     MODEL_VERSION,
@@ -167,8 +172,25 @@ class TritonApi:
         return response
 
 
-def triton_app(runtime: RealtimeTwin, model_name: str, gpu: GpuControl) -> web.Application:
-    """The HTTP port: KServe v2 health and metadata, generate, and the twin GPU endpoint."""
+def iteration_stats_routes(queue: IterationStatsQueue) -> list[web.RouteDef]:
+    """trtllm-serve's `GET /metrics`: the iteration records since the last call, drained."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        return _json(queue.drain_json())
+
+    return [web.get("/metrics", metrics, allow_head=False)]
+
+
+def triton_app(
+    runtime: RealtimeTwin,
+    model_name: str,
+    gpu: GpuControl,
+    iteration_stats: IterationStatsQueue | None = None,
+) -> web.Application:
+    """The HTTP port: KServe v2 health and metadata, generate and the twin GPU endpoint.
+
+    Given `iteration_stats`, also trtllm-serve's iteration stats endpoint.
+    """
     api = TritonApi(runtime, model_name)
     app = web.Application(middlewares=[_triton_errors])
     model = "/v2/models/{model}"
@@ -189,6 +211,7 @@ def triton_app(runtime: RealtimeTwin, model_name: str, gpu: GpuControl) -> web.A
                 )
             ],
             *gpu_routes(gpu),
+            *(iteration_stats_routes(iteration_stats) if iteration_stats is not None else ()),
         ]
     )
     return app
