@@ -111,7 +111,7 @@ def slack_at(
     idx = np.asarray(clock_index)[:, None]
     seg_s = proj.length[None, :] * model.decode_s(idx, proj.batch[None, :], proj.kv_blocks[None, :])
     seg_s = seg_s * np.asarray(correction)[np.asarray(clock_index)][:, None]
-    cumulative = np.cumsum(seg_s, axis=1)
+    cumulative = seg_s.cumsum(axis=1)
     start = situation.now_s + delay_s[np.asarray(clock_index)][:, None]
     return slack_s(targets, situation.requests, start, cumulative, proj.end, proj.finish_segment)
 

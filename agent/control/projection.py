@@ -62,7 +62,7 @@ def project(
     if n == 0:
         empty = np.zeros(0)
         return Projection(empty, empty, empty, empty, 0.0, np.zeros(0, dtype=np.intp))
-    order = np.argsort(remaining, kind="stable")
+    order = remaining.argsort(kind="stable")
     r_sorted = remaining[order].astype(np.float64)
     l_sorted = context_tokens[order].astype(np.float64)
     ends = r_sorted[np.concatenate([r_sorted[1:] != r_sorted[:-1], [True]])]  # sorted: unique is a diff
@@ -81,7 +81,7 @@ def project(
     # segments, where some finish early; counting them as active is the conservative choice.
     done_before = np.searchsorted(r_sorted, starts, side="right")
     batch = n - done_before
-    prefix_l = np.concatenate([[0.0], np.cumsum(l_sorted)])
+    prefix_l = np.concatenate([[0.0], l_sorted.cumsum()])
     active_l = prefix_l[-1] - prefix_l[done_before]
     mid = (starts + ends) / 2.0
     kv = (active_l + batch * mid) / tokens_per_block + batch / 2.0

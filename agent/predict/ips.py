@@ -153,13 +153,14 @@ class IpsTable:
     def lookup(self, clock_index: np.ndarray | int, batch: np.ndarray, kv_blocks: np.ndarray) -> np.ndarray:
         """IPS at the given clock index(es), batch sizes and KV blocks."""
         _, batches, kvs = self.ips.shape
-        pos = np.clip(np.asarray(kv_blocks, dtype=np.float64) / self.kv_step, 0, kvs - 1)
+        # np.minimum/np.maximum rather than np.clip: the same values, a fraction of the call overhead.
+        pos = np.minimum(np.maximum(np.asarray(kv_blocks, dtype=np.float64) / self.kv_step, 0.0), kvs - 1)
         lo = np.minimum(pos.astype(np.intp), kvs - 2)
         frac = pos - lo
         b = np.asarray(batch, dtype=np.float64)
         if self.batch_step > 1:
             b = np.ceil(b / self.batch_step)
-        b = np.clip(b.astype(np.intp), 0, batches - 1)
+        b = np.minimum(np.maximum(b.astype(np.intp), 0), batches - 1)
         flat = (np.asarray(clock_index, dtype=np.intp) * batches + b) * kvs + lo
         table = self.ips.reshape(-1)
         below = table.take(flat)
