@@ -56,6 +56,12 @@ class RunRecord:
     tbt_s: np.ndarray  # token gaps
     tbt_weight: np.ndarray  # how many tokens had each gap
     tbt_target_s: float  # the TPOT/TBT target drawn on the CDF
+    label: str = ""  # the name in legends and bars; empty: the policy
+
+    @property
+    def name(self) -> str:
+        """How plots call this run."""
+        return self.label or self.policy
 
     def __post_init__(self) -> None:
         for name in ("time_s", "clock_mhz", "power_w", "tbt_s", "tbt_weight"):
@@ -79,6 +85,7 @@ class _Group:
     length_error: float | None
     label: str  # file-name safe and unique within a report
     runs: tuple[RunRecord, ...]  # the baseline first
+    title: str | None = None  # what the plots say the runs are; None: trace, load and length error
 
 
 def write_report(out_dir: Path, runs: Sequence[RunRecord], meta: dict[str, Any]) -> dict[str, Any]:
@@ -101,11 +108,7 @@ def write_report(out_dir: Path, runs: Sequence[RunRecord], meta: dict[str, Any])
         "groups": [],
     }
     for group in groups:
-        plots = {
-            "clock_power": _save(_clock_power_figure(group), out_dir / f"clock_power_{group.label}.png"),
-            "tbt_cdf": _save(_tbt_cdf_figure(group), out_dir / f"tbt_cdf_{group.label}.png"),
-            "energy": _save(_energy_figure(group), out_dir / f"energy_{group.label}.png"),
-        }
+        plots = _save_plots(group, out_dir)
         results["groups"].append(
             {
                 "label": group.label,
@@ -124,6 +127,24 @@ def write_report(out_dir: Path, runs: Sequence[RunRecord], meta: dict[str, Any])
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(_markdown(groups, results["meta"]))
     return results
+
+
+def write_plots(out_dir: Path, runs: Sequence[RunRecord], label: str, title: str) -> dict[str, str]:
+    """The replay's three plots for one comparison made elsewhere (the `max` run first, if any).
+
+    `label` goes into the file names, `title` into the plot titles; returns the file names.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = tuple(sorted(runs, key=lambda run: run.policy != BASELINE))
+    return _save_plots(_Group(ordered[0].trace, None, None, label, ordered, title), out_dir)
+
+
+def _save_plots(group: _Group, out_dir: Path) -> dict[str, str]:
+    return {
+        "clock_power": _save(_clock_power_figure(group), out_dir / f"clock_power_{group.label}.png"),
+        "tbt_cdf": _save(_tbt_cdf_figure(group), out_dir / f"tbt_cdf_{group.label}.png"),
+        "energy": _save(_energy_figure(group), out_dir / f"energy_{group.label}.png"),
+    }
 
 
 def _groups(runs: Sequence[RunRecord]) -> list[_Group]:
@@ -221,6 +242,8 @@ def _table_row(run: RunRecord, saved: float | None, ratio: float | None) -> tupl
 
 
 def _heading(group: _Group) -> str:
+    if group.title is not None:
+        return group.title
     load = "native rate" if group.load is None else f"load {group.load:.0%} of peak"
     error = "" if group.length_error is None else f" · length error {group.length_error:g}%"
     return f"{group.trace} · {load}{error}"
@@ -286,8 +309,8 @@ def _clock_power_figure(group: _Group) -> Figure:
         idx = thin_indices(run.time_s.size)
         if idx.size == 0:
             continue
-        ax_clock.step(run.time_s[idx], run.clock_mhz[idx], where="post", label=run.policy, linewidth=0.8)
-        ax_power.plot(run.time_s[idx], run.power_w[idx], label=run.policy, linewidth=0.6)
+        ax_clock.step(run.time_s[idx], run.clock_mhz[idx], where="post", label=run.name, linewidth=0.8)
+        ax_power.plot(run.time_s[idx], run.power_w[idx], label=run.name, linewidth=0.6)
         drawn = True
     ax_clock.set_ylabel("SM clock (MHz)")
     ax_power.set_ylabel("GPU power (W)")
@@ -308,7 +331,7 @@ def _tbt_cdf_figure(group: _Group) -> Figure:
     for run in group.runs:
         x, y = weighted_cdf(run.tbt_s, run.tbt_weight)
         if x.size:
-            ax.step(x * 1e3, y, where="post", label=run.policy, linewidth=1.0)
+            ax.step(x * 1e3, y, where="post", label=run.name, linewidth=1.0)
             lows.append(float(x[0]))
     targets = sorted(
         {r.tbt_target_s for r in group.runs if math.isfinite(r.tbt_target_s) and r.tbt_target_s > 0}
@@ -333,9 +356,9 @@ def _tbt_cdf_figure(group: _Group) -> Figure:
 def _energy_figure(group: _Group) -> Figure:
     fig = Figure(figsize=(max(5.0, 1.2 * len(group.runs) + 2), 4.5), layout="constrained")
     ax = fig.subplots()
-    names = [run.policy for run in group.runs]
+    names = [run.name for run in group.runs]
     energy_kj = [(_value(run.summary, "energy_j") or math.nan) / 1e3 for run in group.runs]
-    colors = ["tab:gray" if name == BASELINE else "tab:blue" for name in names]
+    colors = ["tab:gray" if run.policy == BASELINE else "tab:blue" for run in group.runs]
     ax.bar(range(len(names)), energy_kj, color=colors)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     for i, (height, (saved, _)) in enumerate(zip(energy_kj, _versus_max(group), strict=True)):

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 from dataclasses import replace
 from pathlib import Path
 
 from agent.bench.decide import benchmark_decide
 from agent.bench.policies import build_policy, ips_model_dir
-from agent.cli.common import add_setup_args, flatten, print_figures, print_json, progress_bar, setup_from_args
+from agent.cli.common import (
+    CliError,
+    add_setup_args,
+    flatten,
+    print_figures,
+    print_json,
+    progress_bar,
+    setup_from_args,
+)
 from agent.cli.models import PROFILE_NOISE
 from agent.config import Settings
 from agent.control.frequency import SEARCHES
@@ -76,8 +85,33 @@ def cmd_bench_decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sidecar(args: argparse.Namespace) -> int:
+    """Gateway latency, sidecar CPU and memory, decision latency: real processes on loopback."""
+    from agent.bench.processes import ProcessStartError, cancel_on_sigterm
+    from agent.bench.sidecar import SidecarBenchConfig, run_sidecar_bench
+
+    setup = setup_from_args(args)
+    config = SidecarBenchConfig(
+        setup=setup,
+        preset=load_slo_preset(args.slo, setup.model.name),
+        models_dir=args.models_dir,
+        log_dir=args.logs,
+        latency_requests=args.requests,
+        footprint_duration_s=args.duration,
+    )
+    try:
+        with progress_bar("bench sidecar", not args.json) as progress:
+            figures = asyncio.run(cancel_on_sigterm(run_sidecar_bench(config, progress)))
+    except ProcessStartError as exc:
+        raise CliError(str(exc)) from None
+    except asyncio.CancelledError:
+        raise CliError("terminated: the twin and the sidecars were stopped") from None
+    print_json(figures) if args.json else print_figures("sidecar cost", flatten(figures))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
-    """Add `bench sim`, `bench predictor` and `bench decide`."""
+    """Add `bench sim`, `bench predictor`, `bench decide` and `bench sidecar`."""
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bench_sim = bench_sub.add_parser("sim", help="simulator speed on a whole trace at stock clocks")
@@ -105,3 +139,28 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     decide.add_argument("--models-dir", type=Path, default=settings.models_dir)
     decide.add_argument("--json", action="store_true")
     decide.set_defaults(func=cmd_bench_decide)
+
+    sidecar = bench_sub.add_parser(
+        "sidecar",
+        help="what the sidecar costs: gateway latency, CPU and RSS, decision latency (real processes)",
+        description="Runs the twin and sidecars as processes on loopback: the same requests straight to "
+        "the twin and through the gateway, then the demo's load through a throttllem sidecar sampled "
+        "with psutil. Takes about five minutes.",
+    )
+    add_setup_args(sidecar)
+    sidecar.add_argument(
+        "--requests", type=int, default=300, help="requests per latency pass (default %(default)s)"
+    )
+    sidecar.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds of the demo's load for CPU and RSS (default %(default)s)",
+    )
+    sidecar.add_argument("--slo", default="mlperf-server", help="SLO preset (default %(default)s)")
+    sidecar.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    sidecar.add_argument(
+        "--logs", type=Path, default=Path("bench-sidecar-logs"), help="process logs (default %(default)s)"
+    )
+    sidecar.add_argument("--json", action="store_true")
+    sidecar.set_defaults(func=cmd_bench_sidecar)

@@ -1,4 +1,4 @@
-"""`simulate` and `demo`: replay workloads through the twin under clock policies."""
+"""`simulate`: replay a workload through the twin under a clock policy, in virtual time."""
 
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ from agent.cli.common import (
     add_workload_args,
     print_figures,
     print_json,
-    print_table,
     progress_bar,
     setup_from_args,
-    stdout,
     workload_from_args,
 )
 from agent.config import Settings
-from agent.control.policies import parse_policy
 from agent.domain import Request
 from agent.slo_presets import control_targets, load_slo_preset
 from agent.twin.iteration_stats import IterationStats, to_executor_json, to_triton_stats_json
@@ -28,7 +25,6 @@ from agent.twin.simulator import simulate
 
 ITERATION_STATS_FORMATS = {"executor": to_executor_json, "triton": to_triton_stats_json}
 PREDICTIVE_MAX_TOKENS = 2048  # client max_tokens when a predictive policy runs and none is given
-DEMO_POLICIES = ("max", "static:1305", "static:1200", "static:1050", "static:900")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -62,47 +58,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Compare stock clocks with fixed clocks on a slice of the conv trace."""
-    setup = setup_from_args(args)
-    requests = workload_from_args(args, setup).requests(max_tokens=args.max_tokens)
-    rows = []
-    for spec in DEMO_POLICIES:
-        policy = parse_policy(spec, setup.gpu)
-        with progress_bar(f"simulate {policy.name}", not args.json) as progress:
-            rows.append(simulate(setup, policy, requests, progress).summary())
-    base = rows[0]["energy_j"]
-    for row in rows:
-        row["energy_saved_vs_max"] = 1.0 - row["energy_j"] / base
-    if args.json:
-        print_json({"gpu": setup.gpu.name, "model": setup.model.name, "tp": setup.tp, "runs": rows})
-        return 0
-    print_table(
-        f"{len(requests)} requests of {args.trace} on {setup.gpu.name} / {setup.model.name}",
-        ("policy", "energy kJ", "saved", "tok/J", "TBT p99 ms", "TPOT p99 ms", "E2E p99 s", "MHz"),
-        [
-            (
-                row["policy"],
-                f"{row['energy_j'] / 1000:,.1f}",
-                f"{row['energy_saved_vs_max']:.1%}",
-                f"{row['tokens_per_joule']:.2f}",
-                f"{row['tbt_p99_ms']:.0f}",
-                f"{row['tpot_p99_ms']:.0f}",
-                f"{row['e2e_p99_s']:.1f}",
-                f"{row['mean_clock_mhz']:.0f}",
-            )
-            for row in rows
-        ],
-    )
-    stdout().print(
-        "Fixed low clocks save energy but stretch latency under load; the predictive throttllem "
-        "policy, which picks the clock per iteration to keep SLOs, is the next milestone."
-    )
-    return 0
-
-
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
-    """Add `simulate` and `demo`."""
+    """Add `simulate`."""
     sim = sub.add_parser("simulate", help="replay a trace through the twin in virtual time")
     add_setup_args(sim)
     add_workload_args(sim)
@@ -125,9 +82,3 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
     sim.add_argument("--json", action="store_true", help="print one JSON object")
     sim.set_defaults(func=cmd_simulate)
-
-    demo = sub.add_parser("demo", help="compare stock and fixed clocks on a slice of the conv trace")
-    add_setup_args(demo)
-    add_workload_args(demo, default_duration=600.0)
-    demo.add_argument("--json", action="store_true", help="print one JSON object")
-    demo.set_defaults(func=cmd_demo)

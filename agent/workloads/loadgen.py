@@ -6,6 +6,13 @@ twin-only keys `prompt_tokens` and `output_tokens` (a real Triton ignores them; 
 to stop where the trace's request stopped). Every streamed event is one token, as TRT-LLM streams
 by default. A 429 or 503 is retried after its Retry-After, up to `max_retries` times; the request's
 times keep counting from its scheduled arrival, as a user would experience them.
+
+Two opt-in records per token (`TokenRecording`), for latency studies: `times` keeps when each
+token arrived (token gaps: the client's view of time between tokens), and `lags` asks the engine
+for TRT-LLM's `return_perf_metrics` outputs and keeps, per event, how long after the engine's
+`last_token_time_ns` the client read it (the delivery lag), and how long after the client sent
+the request the engine stamped its `arrival_time_ns` (the request lag). Both compare this host's
+wall clock with the engine's: meaningful on loopback with a twin running at time scale 1.
 """
 
 from __future__ import annotations
@@ -41,6 +48,14 @@ class RequestResult:
     output_tokens: int
     retries: int
     error: str | None = None
+    token_times_s: tuple[float, ...] = ()  # each token's arrival, from scheduled arrival
+    token_lags_s: tuple[float, ...] = ()  # per event: client read time - engine's last token time
+    request_lag_s: float = math.nan  # engine's arrival stamp - client send time (lags recorded)
+
+    @property
+    def token_gaps_s(self) -> np.ndarray:
+        """Time between consecutive tokens as the client saw them (empty unless tokens were recorded)."""
+        return np.diff(np.asarray(self.token_times_s, dtype=float))
 
     @property
     def answered(self) -> bool:
@@ -73,6 +88,7 @@ class LoadReport:
             values = values[~np.isnan(values)]
             return float(np.percentile(values, q)) if len(values) else None
 
+        gaps = self.token_gaps_s()
         summary: dict[str, float | int | None] = {
             "requests": len(self.results),
             "answered": len(answered),
@@ -87,10 +103,17 @@ class LoadReport:
             "tpot_p99_s": pct(tpot, 99),
             "e2e_p50_s": pct(e2e, 50),
             "e2e_p99_s": pct(e2e, 99),
+            "tbt_p50_s": pct(gaps, 50),  # None unless token times were recorded
+            "tbt_p99_s": pct(gaps, 99),
         }
         if slo is not None:
             summary["slo_attainment"] = self.attainment(slo)
         return summary
+
+    def token_gaps_s(self) -> np.ndarray:
+        """Every gap between consecutive tokens of the answered requests (empty unless recorded)."""
+        gaps = [r.token_gaps_s for r in self.results if r.answered]
+        return np.concatenate(gaps) if gaps else np.empty(0)
 
     def attainment(self, slo: SloPreset) -> float | None:
         """Share of all requests sent that were answered within every target (unanswered ones miss)."""
@@ -109,8 +132,8 @@ class LoadReport:
         return float(ok.sum()) / len(self.results)
 
 
-def request_body(request: Request) -> dict[str, object]:
-    """The generate_stream body for one trace request."""
+def request_body(request: Request, perf_metrics: bool = False) -> dict[str, object]:
+    """The generate_stream body for one trace request (asking for TRT-LLM's perf metrics if told)."""
     body: dict[str, object] = {
         "text_input": PROMPT_WORD * request.prompt_tokens,
         "max_tokens": request.max_tokens,
@@ -119,7 +142,17 @@ def request_body(request: Request) -> dict[str, object]:
     }
     if request.output_tokens is not None:
         body["output_tokens"] = min(request.output_tokens, request.max_tokens)
+    if perf_metrics:
+        body["return_perf_metrics"] = True
     return body
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecording:
+    """Which per-token records `generate_load` keeps (both off: counts and times only)."""
+
+    times: bool = False  # each token's arrival time
+    lags: bool = False  # ask for perf metrics and keep each event's delivery lag
 
 
 def _retry_after_s(value: str) -> float:
@@ -131,13 +164,20 @@ def _retry_after_s(value: str) -> float:
 
 
 async def _stream(
-    session: aiohttp.ClientSession, url: str, request: Request, start: float, max_retries: int
+    session: aiohttp.ClientSession,
+    url: str,
+    request: Request,
+    start: float,
+    max_retries: int,
+    record: TokenRecording,
 ) -> RequestResult:
     """Send one request (retrying refusals) and read its event stream."""
     retries = 0
+    body = request_body(request, perf_metrics=record.lags)
     while True:
+        sent_wall_s = time.time()
         try:
-            async with session.post(url, json=request_body(request)) as response:
+            async with session.post(url, json=body) as response:
                 if response.status in RETRY_STATUSES and retries < max_retries:
                     retries += 1
                     await asyncio.sleep(_retry_after_s(response.headers.get("Retry-After", "1")))
@@ -150,6 +190,9 @@ async def _stream(
                 first = math.nan
                 tokens = 0
                 error = None
+                times: list[float] = []
+                lags: list[float] = []
+                request_lag = math.nan
                 async for line in response.content:
                     if not line.startswith(b"data:"):
                         continue
@@ -158,10 +201,26 @@ async def _stream(
                         error = str(payload["error"])
                         break
                     tokens += 1
+                    now = time.monotonic() - start
                     if tokens == 1:
-                        first = time.monotonic() - start
+                        first = now
+                    if record.times:
+                        times.append(now)
+                    if record.lags and "last_token_time_ns" in payload:
+                        lags.append(time.time() - payload["last_token_time_ns"] / 1e9)
+                    if record.lags and tokens == 1 and "arrival_time_ns" in payload:
+                        request_lag = payload["arrival_time_ns"] / 1e9 - sent_wall_s
                 return RequestResult(
-                    request.request_id, 200, first, time.monotonic() - start, tokens, retries, error
+                    request.request_id,
+                    200,
+                    first,
+                    time.monotonic() - start,
+                    tokens,
+                    retries,
+                    error,
+                    tuple(times),
+                    tuple(lags),
+                    request_lag,
                 )
         except (aiohttp.ClientError, json.JSONDecodeError, TimeoutError) as exc:
             return RequestResult(request.request_id, 0, math.nan, math.nan, 0, retries, repr(exc))
@@ -175,11 +234,13 @@ async def generate_load(
     time_scale: float = 1.0,
     max_retries: int = 3,
     on_result: Callable[[RequestResult], None] | None = None,
+    record: TokenRecording | None = None,
 ) -> LoadReport:
     """Replay `requests` against `base_url` at their arrival times; return what each one saw."""
     if time_scale <= 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale}")
     url = f"{base_url.rstrip('/')}/v2/models/{model}/generate_stream"
+    recording = record or TokenRecording()
     began = time.monotonic()
     first_arrival = min((r.arrival_s for r in requests), default=0.0)
     connector = aiohttp.TCPConnector(limit=0)
@@ -188,7 +249,7 @@ async def generate_load(
     async def one(session: aiohttp.ClientSession, request: Request) -> RequestResult:
         scheduled = began + (request.arrival_s - first_arrival) / time_scale
         await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
-        result = await _stream(session, url, request, scheduled, max_retries)
+        result = await _stream(session, url, request, scheduled, max_retries, recording)
         if on_result is not None:
             on_result(result)
         return result

@@ -2,13 +2,15 @@
 
 import asyncio
 import json
+import time
 
 import numpy as np
+import pytest
 from aiohttp import web
 
 from agent.domain import Request
 from agent.slo_presets import load_slo_preset
-from agent.workloads.loadgen import generate_load, request_body
+from agent.workloads.loadgen import TokenRecording, generate_load, request_body
 
 
 async def serve(handler) -> tuple[web.AppRunner, str]:
@@ -79,3 +81,41 @@ def test_failures_are_reported_not_raised_and_count_against_attainment():
 def test_body_caps_the_true_length_at_max_tokens():
     assert request_body(Request(1, 0.0, 2, 10, 50))["output_tokens"] == 10
     assert "output_tokens" not in request_body(Request(1, 0.0, 2, 10, None))
+
+
+def test_token_times_and_delivery_lags_are_recorded_when_asked():
+    delay_s = 0.03  # the server stamps each token this long before sending it
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        arrival_ns = time.time_ns() + round(delay_s * 1e9)  # as if the request took 30 ms to arrive
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(body["output_tokens"]):
+            await asyncio.sleep(0.02)
+            payload = {"text_output": " tok"}
+            if body.get("return_perf_metrics"):
+                payload["last_token_time_ns"] = time.time_ns() - round(delay_s * 1e9)
+                payload["arrival_time_ns"] = arrival_ns
+            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+        return response
+
+    async def scenario(record):
+        runner, url = await serve(handler)
+        try:
+            return await generate_load(url, "ensemble", [Request(1, 0.0, 4, 8, 4)], record=record)
+        finally:
+            await runner.cleanup()
+
+    plain = asyncio.run(scenario(None)).results[0]
+    assert plain.token_times_s == () and plain.token_lags_s == () and plain.token_gaps_s.size == 0
+    report = asyncio.run(scenario(TokenRecording(times=True, lags=True)))
+    result = report.results[0]
+    assert len(result.token_times_s) == 4 and result.token_times_s[0] == pytest.approx(result.ttft_s)
+    assert np.all(result.token_gaps_s > 0.015) and report.token_gaps_s().size == 3
+    lags = result.token_lags_s
+    assert len(lags) == 4 and all(delay_s <= lag < delay_s + 0.05 for lag in lags)
+    assert delay_s <= result.request_lag_s < delay_s + 0.05 and np.isnan(plain.request_lag_s)
+    summary = report.summary()
+    assert summary["tbt_p50_s"] == pytest.approx(float(np.median(result.token_gaps_s)))
+    assert request_body(Request(1, 0.0, 2, 10, 5), perf_metrics=True)["return_perf_metrics"] is True

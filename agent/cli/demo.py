@@ -1,0 +1,215 @@
+"""`demo`: the twin, the sidecar and a load generator as real processes, watched live, then compared."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from agent.bench import demo_plan as defaults
+from agent.cli.common import (
+    CliError,
+    add_setup_args,
+    print_json,
+    print_table,
+    setup_from_args,
+    stderr,
+    stdout,
+)
+from agent.config import Settings
+from agent.slo_presets import load_slo_preset
+
+if TYPE_CHECKING:
+    from agent.bench.live_run import LiveState, Sample
+
+REFRESH_PER_S = 2.0
+DEFAULT_OUT = Path("demo-report")
+
+
+def _value(value: float | None, spec: str, unit: str = "") -> str:
+    return "—" if value is None else f"{spec.format(value)}{unit}"
+
+
+def _against(value_s: float | None, target_s: float | None, scale: float, spec: str, unit: str) -> Text:
+    """A latency so far next to its target, green while within it."""
+    if value_s is None:
+        return Text("—")
+    shown = f"{spec.format(value_s * scale)} {unit}"
+    if target_s is None:
+        return Text(shown)
+    ok = value_s <= target_s
+    return Text(f"{shown}  (target {spec.format(target_s * scale)} {unit})", style="green" if ok else "red")
+
+
+def render(state: LiveState) -> Table:
+    """The live view: one row per figure, refreshed from the latest poll and the clients' events."""
+    latest = state.latest
+    table = Table(title=f"throttllem live demo · policy {state.policy}", show_header=False, min_width=64)
+    table.add_column("figure", style="bold")
+    table.add_column("value")
+    for name, value in _rows(state, latest):
+        table.add_row(name, value)
+    return table
+
+
+def _rows(state: LiveState, latest: Sample | None) -> list[tuple[str, str | Text]]:
+    tbt = state.percentile(state.all_gaps_s(), 99)
+    tpot = state.percentile(state.tpot_s, 99)
+    ttft = state.percentile(state.ttft_s, 99)
+    rows: list[tuple[str, str | Text]] = [
+        ("time", f"{state.since_start_s():.1f} s"),
+        ("requests done", f"{state.done:,} / {state.total:,} (answered {state.answered:,})"),
+        ("TBT p99 so far", _against(tbt, None, 1e3, "{:.0f}", "ms (every token gap; the target is on TPOT)")),
+        ("TPOT p99 so far", _against(tpot, state.tpot_target_s, 1e3, "{:.0f}", "ms")),
+        ("TTFT p99 so far", _against(ttft, state.ttft_target_s, 1.0, "{:.2f}", "s")),
+        ("energy so far", _value(state.energy_so_far_j(), "{:,.0f}", " J")),
+    ]
+    if latest is None:
+        return rows
+    lock = "" if latest.locked is None else (" (locked)" if latest.locked else " (stock)")
+    kv = "—"
+    if latest.kv_used_blocks is not None and latest.kv_max_blocks:
+        share = latest.kv_used_blocks / latest.kv_max_blocks
+        kv = f"{latest.kv_used_blocks:,.0f} / {latest.kv_max_blocks:,.0f} blocks ({share:.1%})"
+    decision = None if latest.decision_p99_s is None else latest.decision_p99_s * 1e3
+    return [
+        *rows[:2],
+        ("SM clock", _value(latest.clock_mhz, "{:.0f}", " MHz") + lock),
+        ("power", _value(latest.power_w, "{:.0f}", " W")),
+        ("batch", _value(latest.batch, "{:.0f}")),
+        ("KV cache", kv),
+        ("held by the gateway", _value(latest.held, "{:.0f}")),
+        *rows[2:],
+        ("control loop", latest.loop_mode or "—"),
+        ("decision p99", _value(decision, "{:.2f}", " ms (from histogram buckets)")),
+    ]
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The comparison table and what it means."""
+    from agent.bench.demo import baseline_note, figure, table_rows
+
+    ours, base = summary["live"], summary["baseline"]
+    print_table(
+        f"{summary['trace']} from {summary['window_start_s']:g} s, {summary['window_s']:.0f} s of trace "
+        f"(×{summary['rate_scale']:.2f}, {summary['load']:.0%} of capacity) on {summary['gpu']} / "
+        f"{summary['model']} / TP{summary['tp']}",
+        ("figure", f"{ours['policy']} ({ours['source']})", f"{base['policy']} ({base['source']})"),
+        table_rows(summary),
+    )
+    console = stdout()
+    console.print(
+        f"Energy saved vs stock clocks: {figure(summary['saved_pct'], '{:.1f}')}% · clocks reset when the "
+        f"sidecar stopped: {'yes' if summary['clock_reset_on_exit'] else '[red]NO[/red]'}"
+    )
+    console.print(baseline_note(summary))
+    console.print(f"Report: {summary['report_dir']}/report.md (summary.json, plots, process logs in logs/)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the live demo and print (or `--json`) the comparison."""
+    from agent.bench.demo import run_demo  # matplotlib: slow to import
+    from agent.bench.live_run import LiveRunError
+    from agent.bench.processes import ProcessStartError, cancel_on_sigterm
+
+    setup = setup_from_args(args)
+    config = defaults.DemoConfig(
+        setup=setup,
+        preset=load_slo_preset(args.slo, setup.model.name),
+        out_dir=args.out,
+        models_dir=args.models_dir,
+        policy=args.policy,
+        start_s=args.start,
+        duration_s=args.duration,
+        load=args.load,
+        max_tokens=args.max_tokens,
+        live_baseline=args.live_baseline,
+        refresh_s=1.0 / REFRESH_PER_S,
+    )
+    try:
+        if args.json:
+            summary = asyncio.run(
+                cancel_on_sigterm(run_demo(config, lambda _state: None, lambda _phase: None))
+            )
+        else:
+            summary = _run_with_view(lambda update, phase: cancel_on_sigterm(run_demo(config, update, phase)))
+    except (ProcessStartError, LiveRunError) as exc:
+        raise CliError(str(exc)) from None
+    except asyncio.CancelledError:
+        raise CliError("terminated: the twin, the sidecar and the load generator were stopped") from None
+    if args.json:
+        print_json(summary)
+    else:
+        print_summary(summary)
+    return 0
+
+
+def _run_with_view(
+    demo: Callable[[Callable[[LiveState], None], Callable[[str], None]], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """The demo under a rich Live view on stderr, with one line per phase."""
+    began = time.monotonic()
+    with Live(Text("starting…"), console=stderr, refresh_per_second=4, transient=False) as live:
+
+        def phase(message: str) -> None:
+            live.console.print(f"[dim]{time.monotonic() - began:5.1f} s[/dim] {message}")
+
+        def update(state: LiveState) -> None:
+            live.update(render(state))
+
+        return asyncio.run(demo(update, phase))
+
+
+def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
+    """Add `demo`."""
+    demo = sub.add_parser(
+        "demo",
+        help="live: twin + sidecar + load generator as processes, watched, then compared with stock clocks",
+        description="Starts `twin serve` (real time), `run` (twin actuator and meter, gateway on) and "
+        "`load` through the gateway as separate processes on loopback, shows the clock, power, batch, "
+        "latency and energy as they happen, stops everything (checking the clock lock is released), "
+        "and compares with stock clocks on the same requests (simulated unless --live-baseline).",
+    )
+    add_setup_args(demo)
+    demo.add_argument("--policy", default="throttllem", help="the sidecar's policy (default %(default)s)")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=defaults.DEMO_DURATION_S,
+        help="wall seconds of arrivals (default %(default)s)",
+    )
+    demo.add_argument(
+        "--start",
+        type=float,
+        default=defaults.DEMO_START_S,
+        help="slice start, seconds into the trace (default %(default)s)",
+    )
+    demo.add_argument(
+        "--load",
+        type=float,
+        default=defaults.DEMO_LOAD,
+        help="arrival rate as a fraction of the engine's capacity (default %(default)s)",
+    )
+    demo.add_argument(
+        "--max-tokens",
+        type=int,
+        default=defaults.DEMO_MAX_TOKENS,
+        help="client max_tokens (default %(default)s)",
+    )
+    demo.add_argument("--slo", default="mlperf-server", help="SLO preset (default %(default)s)")
+    demo.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    demo.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report directory (default %(default)s)")
+    demo.add_argument(
+        "--live-baseline",
+        action="store_true",
+        help="also run the baseline (max) live instead of simulating it",
+    )
+    demo.add_argument("--json", action="store_true", help="print one JSON object (no live view)")
+    demo.set_defaults(func=cmd_demo)
