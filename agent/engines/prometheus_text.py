@@ -19,6 +19,24 @@ from agent.engines.base import EngineConfigError, MalformedMetricsError
 Samples = Mapping[str, list[Sample]]  # sample name -> its samples, in exposition order
 
 
+def only_families(text: str, prefix: str) -> str:
+    """The lines of `text` about metrics whose names start with `prefix` (HELP/TYPE included).
+
+    Triton's page carries dozens of per-model histograms the adapter never reads; dropping them
+    before the (pure Python) parser runs was a third of the sidecar's CPU at a 100 ms poll.
+    """
+    kept = []
+    for line in text.splitlines():
+        name = (
+            line.split(" ", 3)[2]
+            if line.startswith(("# HELP ", "# TYPE ")) and line.count(" ") >= 2
+            else line
+        )
+        if name.startswith(prefix):
+            kept.append(line)
+    return "\n".join(kept) + "\n" if kept else ""
+
+
 def parse_samples(text: str) -> dict[str, list[Sample]]:
     """Every sample in `text`, by sample name; `MalformedMetricsError` if it is not exposition text."""
     samples: dict[str, list[Sample]] = {}

@@ -38,6 +38,7 @@ from agent.engines.prometheus_text import (
     Samples,
     count,
     label_choices,
+    only_families,
     parse_samples,
     select,
     values_by_label,
@@ -197,7 +198,9 @@ class TritonTrtllmAdapter(HttpPollingAdapter):
         self._defaults_logged: set[str] = set()
 
     def _ingest(self, body: str) -> list[EngineStats]:
-        reading = triton_record(parse_samples(body), model=self.model, version=self.version)
+        reading = triton_record(
+            parse_samples(only_families(body, _PREFIX)), model=self.model, version=self.version
+        )
         if reading is None:
             return []
         for series in set(reading.defaulted) - self._defaults_logged:

@@ -19,7 +19,7 @@ from agent.engines.base import (
     MalformedMetricsError,
     MissingMetricsError,
 )
-from agent.engines.prometheus_text import parse_samples
+from agent.engines.prometheus_text import only_families, parse_samples
 from agent.engines.triton_trtllm import TritonTrtllmAdapter, triton_record
 from agent.engines.trtllm_stats import to_engine_stats
 from agent.twin.iteration_stats import (
@@ -348,3 +348,17 @@ def test_adapter_ambiguous_models_raise_listing_choices():
                 assert (await adapter.poll()).iteration == 20
 
     asyncio.run(scenario())
+
+
+def test_keeping_only_the_trtllm_families_parses_to_the_same_samples():
+    text = (
+        "# HELP nv_inference_count Number of inferences\n# TYPE nv_inference_count counter\n"
+        'nv_inference_count{model="ensemble",version="1"} 12\n'
+        + (Path(__file__).parent / "fixtures" / "triton_trtllm_readme.prom").read_text()
+        + "# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)\n# TYPE nv_gpu_utilization gauge\n"
+        'nv_gpu_utilization{gpu_uuid="GPU-1"} 0.5\n'
+    )
+    everything = parse_samples(text)
+    kept = parse_samples(only_families(text, "nv_trt_llm_"))
+    assert kept == {name: s for name, s in everything.items() if name.startswith("nv_trt_llm_")}
+    assert kept and "nv_inference_count" not in kept and "nv_gpu_utilization" not in kept
