@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/throttllem bench sim --json
 	$(BIN)/throttllem bench predictor --json
 	$(BIN)/throttllem bench decide --json
+	$(BIN)/throttllem bench sidecar --json
 
 # Regenerates every shipped model from the twin and the traces, reproducibly (fixed seeds).
 models: setup
