@@ -6,6 +6,7 @@ time on the same points, which these measurements must reproduce.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -187,7 +188,9 @@ def test_triton_metrics_give_decode_windows_that_match_the_twin(twin):
 def test_ctrl_c_in_the_middle_of_a_point_resets_the_clock(twin, tmp_path):
     out = tmp_path / "interrupted.csv"
     command = [sys.executable, "-m", "agent.cli", *live_args(twin, out, "--points", "1000")]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # PYTHONFAULTHANDLER: if it hangs after Ctrl-C, SIGABRT makes it print where (see below).
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
         # Past the probe lock and the first point: the next lock held is a point's.
@@ -195,7 +198,13 @@ def test_ctrl_c_in_the_middle_of_a_point_resets_the_clock(twin, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.001)
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=STOP_TIMEOUT_S)
+        try:
+            code = proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail(
+                f"no exit {STOP_TIMEOUT_S:g} s after Ctrl-C; its stacks:\n{proc.communicate()[1][-6000:]}"
+            )
     finally:
         if proc.poll() is None:
             proc.kill()
