@@ -185,19 +185,32 @@ def test_triton_metrics_give_decode_windows_that_match_the_twin(twin):
         assert 0.99 * min(same_batch) <= row.iteration_ms <= 1.01 * max(same_batch)
 
 
-def test_ctrl_c_in_the_middle_of_a_point_resets_the_clock(twin, tmp_path):
+def _as_from_a_terminal() -> None:
+    """Default SIGINT in the child: a shell starts background jobs (CI) with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_in_the_middle_of_a_point_resets_the_clock(twin, tmp_path, stop):
     out = tmp_path / "interrupted.csv"
     command = [sys.executable, "-m", "agent.cli", *live_args(twin, out, "--points", "1000")]
     # PYTHONFAULTHANDLER: if it hangs after Ctrl-C, SIGABRT makes it print where (see below).
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_as_from_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 60
         # Past the probe lock and the first point: the next lock held is a point's.
         while not (out.exists() and out.read_text().count("\n") > 1 and gpu_state(twin)["locked_clock_mhz"]):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.001)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         try:
             code = proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
