@@ -308,8 +308,8 @@ def _sample(
         mode = next(
             (
                 s.labels["throttllem_loop_mode"]
-                for s in side.samples
-                if s.name == "throttllem_loop_mode" and s.value
+                for s in side.samples.get("throttllem_loop_mode", ())
+                if s.value
             ),
             None,
         )

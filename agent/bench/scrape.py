@@ -12,36 +12,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
+
+from agent.engines.prometheus_text import Samples, samples_by_name, value
 
 POLL_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsPage:
-    """One scrape: every sample, looked up by sample name and labels."""
+    """One scrape: every sample by sample name, read as the engine adapters read them."""
 
-    samples: tuple[Sample, ...]
+    samples: Samples
 
     @classmethod
     def parse(cls, text: str) -> MetricsPage:
         """Parse Prometheus text exposition (ValueError when it is not)."""
-        return cls(tuple(s for family in text_string_to_metric_families(text) for s in family.samples))
+        return cls(samples_by_name(text))
 
     def value(self, name: str, **labels: str) -> float | None:
         """The first sample called `name` carrying `labels` (others may differ); None if absent."""
-        for sample in self.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-        return None
+        return value(self.samples, name, labels)
 
     def buckets(self, histogram: str) -> list[tuple[float, float]]:
         """(upper bound, cumulative count) of a histogram's buckets, by bound."""
         rows = [
             (float(s.labels["le"]), float(s.value))
-            for s in self.samples
-            if s.name == f"{histogram}_bucket" and "le" in s.labels
+            for s in self.samples.get(f"{histogram}_bucket", ())
+            if "le" in s.labels
         ]
         return sorted(rows)
 

@@ -37,13 +37,19 @@ def only_families(text: str, prefix: str) -> str:
     return "\n".join(kept) + "\n" if kept else ""
 
 
+def samples_by_name(text: str) -> dict[str, list[Sample]]:
+    """Every sample in `text`, by sample name; the parser's ValueError (or IndexError) if it is not text."""
+    samples: dict[str, list[Sample]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
 def parse_samples(text: str) -> dict[str, list[Sample]]:
     """Every sample in `text`, by sample name; `MalformedMetricsError` if it is not exposition text."""
-    samples: dict[str, list[Sample]] = {}
     try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples.setdefault(sample.name, []).append(sample)
+        return samples_by_name(text)
     # The parser signals bad input with ValueError; IndexError covers its unguarded slicing.
     except (ValueError, IndexError) as exc:
         excerpt = text[:80].replace("\n", "\\n")
@@ -51,7 +57,6 @@ def parse_samples(text: str) -> dict[str, list[Sample]]:
             f"not Prometheus text exposition ({exc or type(exc).__name__}; starts {excerpt!r}); check the"
             " URL points at the engine's metrics endpoint"
         ) from exc
-    return samples
 
 
 def label_choices(samples: Samples, names: Iterable[str], keys: tuple[str, ...]) -> set[tuple[str, ...]]:
