@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.control.admission import EngineLimits
+from agent.bench.policies import setup_limits
 from agent.control.policies import ControlView, ThrottllemPolicy
 from agent.control.scoreboard import Scoreboard
 from agent.domain import EngineStats, Request
@@ -53,12 +53,8 @@ def benchmark_decide(
     policy: ThrottllemPolicy, setup: TwinSetup, running: int, queued: int, repeats: int, seed: int
 ) -> dict[str, Any]:
     """p50/p99 of `decide` on a fixed scoreboard (each call starts from the same guard state)."""
-    limits = EngineLimits(
-        kv_blocks=setup.kv_blocks(),
-        tokens_per_block=setup.engine.tokens_per_block,
-        max_batch_size=max(setup.engine.max_batch_size, running + queued),
-        max_num_tokens=setup.engine.max_num_tokens,
-    )
+    engine = setup_limits(setup)
+    limits = replace(engine, max_batch_size=max(engine.max_batch_size, running + queued))
     board = full_scoreboard(
         running, queued, seed, limits.kv_blocks * limits.tokens_per_block, policy.targets.tpot_s
     )

@@ -81,6 +81,18 @@ class TwinGpuClient:
         """Create the session (call inside the running loop, as aiohttp requires)."""
         return cls(base_url, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)))
 
+    @classmethod
+    async def open(
+        cls, base_url: str, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> tuple[TwinGpuClient, TwinGpuState]:
+        """Connect and read the state once; the session is closed again if that read fails."""
+        client = cls.connect(base_url, timeout_s)
+        try:
+            return client, await client.state()
+        except BaseException:
+            await client.close()
+            raise
+
     async def state(self) -> TwinGpuState:
         """Read the GPU's state."""
         return await self._request("GET", GPU_PATH)
@@ -136,12 +148,7 @@ class TwinActuator:
     @classmethod
     async def open(cls, base_url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> TwinActuator:
         """Connect and read the supported clocks; does not touch the current lock."""
-        client = TwinGpuClient.connect(base_url, timeout_s)
-        try:
-            state = await client.state()
-        except BaseException:
-            await client.close()
-            raise
+        client, state = await TwinGpuClient.open(base_url, timeout_s)
         log.info("twin actuator on %s at %s", state.uuid, client.base_url)
         return cls(client, state)
 
@@ -192,12 +199,7 @@ class TwinMeter:
     @classmethod
     async def open(cls, base_url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> TwinMeter:
         """Connect and take the first energy reading: energy is counted from here."""
-        client = TwinGpuClient.connect(base_url, timeout_s)
-        try:
-            state = await client.state()
-        except BaseException:
-            await client.close()
-            raise
+        client, state = await TwinGpuClient.open(base_url, timeout_s)
         energy = EnergyAccumulator(f"twin:{state.uuid}")
         energy.update(state.energy_j)
         return cls(client, state.uuid, energy)
