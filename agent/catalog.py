@@ -70,6 +70,17 @@ MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec(
+            name="llama2-7b",
+            hf_name="meta-llama/Llama-2-7b-hf",
+            layers=32,
+            hidden=4096,
+            heads=32,
+            kv_heads=32,
+            intermediate=11008,
+            vocab=32000,
+            max_context_tokens=4096,
+        ),
+        ModelSpec(
             name="llama3-8b",
             hf_name="meta-llama/Meta-Llama-3-8B",
             layers=32,

@@ -1,4 +1,8 @@
-"""`twin gpus|models|probe|serve`: what the emulated world knows, one iteration, and a live twin."""
+"""`twin gpus|models|probe|validate|serve`: the emulated world, measured and served.
+
+What the twin knows, one iteration of it, how it compares with published measurements, and a
+live twin.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from agent.cli.common import (
     setup_from_args,
 )
 from agent.config import Settings
+from agent.twin import validation
 from agent.twin.memory import kv_cache_blocks
 from agent.twin.power import PowerModel
 from agent.twin.server.app import ServeConfig, serve
@@ -116,6 +121,35 @@ def cmd_twin_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_twin_validate(args: argparse.Namespace) -> int:
+    """The twin's iteration times against every published measurement it is checked on."""
+    sources = args.source or list(validation.SOURCES)
+    groups = validation.group_errors(validation.comparisons(sources))
+    if args.json:
+        print_json([asdict(g) | {"limit": g.limit, "within_limit": g.mape <= g.limit} for g in groups])
+        return 0
+    print_table(
+        "twin vs published measurements (MAPE per source, GPU, TP and phase)",
+        ("source", "runtime", "GPU", "TP", "phase", "points", "MAPE", "bias", "worst", "limit"),
+        [
+            (
+                g.source,
+                g.runtime,
+                g.gpu,
+                str(g.tp),
+                str(g.phase),
+                str(g.points),
+                f"{g.mape:.1%}",
+                f"{g.bias:+.1%}",
+                f"{g.max_error:+.1%}",
+                f"{g.limit:.0%}" + ("" if g.mape <= g.limit else " missed"),
+            )
+            for g in groups
+        ],
+    )
+    return 0
+
+
 def cmd_twin_serve(args: argparse.Namespace) -> int:
     """Serve the twin with Triton's HTTP API and metrics until SIGINT or SIGTERM."""
     setup = setup_from_args(args)
@@ -190,7 +224,7 @@ def _add_serve_parser(twin_sub: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
-    """Add `twin gpus`, `twin models`, `twin probe` and `twin serve`."""
+    """Add `twin gpus`, `twin models`, `twin probe`, `twin validate` and `twin serve`."""
     twin = sub.add_parser(
         "twin", help="inspect the emulated GPUs, models and latency model; serve a live twin"
     )
@@ -215,4 +249,15 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     probe.add_argument("--clock", type=int, default=None, help="SM clock MHz (default: max)")
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=cmd_twin_probe)
+    validate = twin_sub.add_parser(
+        "validate", help="the twin's iteration times against published measurements (MAPE)"
+    )
+    validate.add_argument(
+        "--source",
+        action="append",
+        choices=tuple(validation.SOURCES),
+        help="only this source (repeatable; default: all)",
+    )
+    validate.add_argument("--json", action="store_true")
+    validate.set_defaults(func=cmd_twin_validate)
     _add_serve_parser(twin_sub)

@@ -10,6 +10,18 @@ t_rel = a + b * (f_max / f) and power with a straight line through the points be
 voltage knee (<= 1080 MHz). Other GPUs reuse the A100 curve on the normalised clock f / f_max.
 The curves are made monotone (a higher clock is never slower, never draws less power) so that
 measurement jitter in the source cannot make the twin reward a lower clock with more speed.
+
+Memory-bound work (streaming weights and the KV cache) barely notices the SM clock until the SMs
+can no longer issue loads fast enough to keep HBM busy; below that knee it slows like the clock:
+
+    m(f) = (1 + (k f_max / f)^p)^(1/p) / (1 + k^p)^(1/p)
+
+No A100 or H100 decode sweep below 1005 MHz is public. The one public sweep of LLM decode at
+locked clocks across the knee is on a V100 (Slowist-Lee/log_vllm@91b6998,
+`log/log_freq/workload_tpj_freq_summary.csv`: vLLM 0.17.1, Mistral-7B, 64-token prompt, one
+request, 750..1300 MHz; no licence stated, so only these figures are quoted). The knee `k`
+(a fraction of the max clock) and its sharpness `p` are fitted to it, and carried to A100 and
+H100 on the normalised clock f / f_max like the compute curve (`MEMORY_KNEE` says how).
 """
 
 from __future__ import annotations
@@ -24,6 +36,14 @@ import numpy as np
 PERSEUS_FILES = ("stage_profile__gpt3-175b_a100_sxm_bf16.csv", "stage_profile__bloom_a100_sxm_bf16.csv")
 PERSEUS_MAX_MHZ = 1410
 POWER_FIT_BELOW_MHZ = 1080  # below the knee where voltage stops scaling with the clock
+# V100 batch-1 decode time relative to 1300 MHz (the highest clock that sweep ran; V100 max 1530).
+V100_MAX_MHZ = 1530
+V100_REFERENCE_MHZ = 1300
+V100_DECODE_SLOWDOWN = {1000: 1.0217, 950: 1.039, 900: 1.0676, 850: 1.14, 800: 1.1906, 750: 1.3449}
+# Fitted (least squares on log time) so that the twin's batch-1 decode of Llama-2-7B on an
+# A100-SXM4-80GB, on the normalised clock, slows as the V100 sweep does.
+MEMORY_KNEE = 0.594
+MEMORY_KNEE_SHARPNESS = 16.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +89,25 @@ class FrequencyResponse:
     clock_mhz: np.ndarray  # ascending grid on which the curves are tabulated (MHz, 1 MHz step)
     slowdown: np.ndarray  # compute-bound time multiplier vs max clock (>= 1)
     power_rel: np.ndarray  # compute-bound power vs max clock (<= 1)
+    memory_slowdown: np.ndarray  # memory-bound time multiplier vs max clock (>= 1)
 
     def slowdown_at(self, clock_mhz: float) -> float:
         """Compute-bound time multiplier at `clock_mhz`."""
         return float(np.interp(clock_mhz, self.clock_mhz, self.slowdown))
 
+    def memory_slowdown_at(self, clock_mhz: float) -> float:
+        """Memory-bound time multiplier at `clock_mhz`."""
+        return float(np.interp(clock_mhz, self.clock_mhz, self.memory_slowdown))
+
     def power_rel_at(self, clock_mhz: float) -> float:
         """Compute-bound power at `clock_mhz` relative to max clock."""
         return float(np.interp(clock_mhz, self.clock_mhz, self.power_rel))
+
+
+def memory_slowdown(clock_mhz: np.ndarray, max_clock_mhz: float, knee: float, sharpness: float) -> np.ndarray:
+    """m(f): memory-bound time at `clock_mhz` relative to max clock (see the module docstring)."""
+    p = sharpness
+    return ((1.0 + (knee * max_clock_mhz / clock_mhz) ** p) / (1.0 + knee**p)) ** (1.0 / p)
 
 
 @functools.cache
@@ -102,4 +133,5 @@ def frequency_response(max_clock_mhz: int, min_clock_mhz: int) -> FrequencyRespo
     # Monotone: slowdown never rises with the clock, power never falls; 1.0 exactly at max.
     slowdown = np.maximum(np.minimum.accumulate(slowdown / slowdown[-1]), 1.0)
     power = np.minimum(np.maximum.accumulate(power / power[-1]), 1.0)
-    return FrequencyResponse(max_clock_mhz, grid, slowdown, power)
+    memory = memory_slowdown(grid, max_clock_mhz, MEMORY_KNEE, MEMORY_KNEE_SHARPNESS)
+    return FrequencyResponse(max_clock_mhz, grid, slowdown, power, memory)

@@ -9,6 +9,11 @@ every linear operator of a layer is a GEMM whose weight bytes and FLOPs are both
 the layer's parameter count, so the table is scaled by the parameter ratio. Attention is fitted
 once (decode: a launch term plus KV bytes over an effective bandwidth; prefill: a power law in
 chunk and context length) and scaled by the heads each GPU holds.
+
+Measured tables are noisy: a profile may list 32 tokens as faster than 16, or an all-reduce of
+190 kB as faster than one of 130 kB (NCCL switching protocols between runs). An engine never does
+less work by being given more, and a twin that says otherwise rewards the wrong batch sizes, so
+every table is replaced by its least-squares non-decreasing fit (isotonic regression) before use.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+from scipy.optimize import isotonic_regression
 
 from agent.domain import BF16_BYTES, ModelSpec
 
@@ -40,6 +46,11 @@ ATTENTION_TABLE = "a100__attention__combined_acb95f6.csv"
 ATTENTION_GEOMETRY = {"q_heads_per_gpu": 32, "kv_heads_per_gpu": 4, "head_dim": 128}  # 70B at TP2
 
 
+def non_decreasing(values: np.ndarray) -> np.ndarray:
+    """The least-squares fit to `values` (in the order given) that never decreases."""
+    return np.asarray(isotonic_regression(values, increasing=True).x)
+
+
 def _rows(name: str) -> list[dict[str, str]]:
     text = resources.files("agent.twin").joinpath("data", name).read_text()
     return list(csv.DictReader(text.splitlines()))
@@ -53,8 +64,8 @@ class MlpProfile:
     layer_params: int  # parameters of one layer of the profiled model (scales the GEMMs)
     hidden: int  # model width (scales the elementwise kernels, which stream tokens x hidden)
     tokens: np.ndarray  # ascending token counts the profile lists
-    linear_ms: np.ndarray  # sum of the four GEMMs (QKV, O, gate+up, down)
-    elementwise_ms: np.ndarray  # norms, rotary, activation, residual add
+    linear_ms: np.ndarray  # sum of the four GEMMs (QKV, O, gate+up, down), made non-decreasing
+    elementwise_ms: np.ndarray  # norms, rotary, activation, residual add, made non-decreasing
 
 
 @functools.cache
@@ -73,6 +84,7 @@ def mlp_profile(profile_gpu: str, hf_name: str, tp: int) -> MlpProfile:
         raise ValueError(f"no Vidur profile for {hf_name} at TP{tp} on {profile_gpu}")
     tokens = np.array(sorted(samples), dtype=float)
     means = np.array([np.mean(samples[int(t)], axis=0) for t in tokens])
+    linear_ms, elementwise_ms = non_decreasing(means[:, 0]), non_decreasing(means[:, 1])
     hidden, heads = geometry["n_embd"], geometry["n_head"]
     head_dim = hidden // heads
     layer_params = (
@@ -80,7 +92,7 @@ def mlp_profile(profile_gpu: str, hf_name: str, tp: int) -> MlpProfile:
         + hidden * hidden
         + 3 * hidden * geometry["n_expanded_embd"]
     )
-    return MlpProfile(hf_name, layer_params, hidden, tokens, means[:, 0], means[:, 1])
+    return MlpProfile(hf_name, layer_params, hidden, tokens, linear_ms, elementwise_ms)
 
 
 def reference_model(profile_gpu: str, model: ModelSpec) -> str:
@@ -98,10 +110,10 @@ def reference_model(profile_gpu: str, model: ModelSpec) -> str:
 class LinearCost:
     """Per-layer linear and elementwise cost of `model`, split for the frequency model.
 
-    A GEMM's time at max clock is ``sqrt(mem^2 + comp^2)`` (an L2 roofline blend): ``comp`` is
-    its FLOPs at the throughput the profile reaches at its largest batch (this part slows with
-    the SM clock); ``mem`` is the rest of the measured time: weight streaming and small-batch
-    inefficiency, which the SM clock barely touches because HBM runs on its own clock.
+    A GEMM's time at max clock is ``sqrt(mem^2 + comp^2)`` (an L2 roofline blend): ``mem`` is the
+    weight streaming the profile shows at small batch (the SM clock barely touches it: HBM runs on
+    its own clock), ``comp`` is what more tokens add on top of it (this part slows with the SM
+    clock), so the blend reproduces the measured table exactly at max clock.
     """
 
     memory_ms: np.ndarray  # index M -> clock-insensitive part of one layer's GEMMs
@@ -128,9 +140,12 @@ def linear_cost(profile_gpu: str, model: ModelSpec, tp: int, max_tokens: int) ->
 
     flops_per_token = 2.0 * model.layer_params() / tp
     flops_per_ms = flops_per_token * last / (profile.linear_ms[-1] * scale)
-    compute = np.minimum(flops_per_token * tokens / flops_per_ms, linear)
-    memory = np.sqrt(linear**2 - compute**2)
     small_batch_ms = float(np.min(profile.linear_ms[profile.tokens <= MEMORY_BOUND_TOKENS])) * scale
+    # Streaming the weights costs the same whatever the batch; what the batch adds on top is
+    # arithmetic. Both parts are then non-decreasing in tokens, so any rescaling of one of them
+    # (another GPU's bandwidth or bf16 peak, a lower SM clock) keeps the total non-decreasing.
+    memory = np.where(tokens > 0, np.minimum(small_batch_ms, linear), 0.0)
+    compute = np.sqrt(np.maximum(linear**2 - memory**2, 0.0))
     return LinearCost(
         memory_ms=memory,
         compute_ms=compute,
@@ -207,7 +222,7 @@ def attention_prefill_ms(fit: AttentionFit, chunk: int, past: int, head_scale: f
 
 @functools.cache
 def all_reduce_table(profile_gpu: str, workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """(log bytes, log ms) of one all-reduce among `workers` GPUs of one node."""
+    """(log bytes, log ms) of one all-reduce among `workers` GPUs of one node (non-decreasing)."""
     points: dict[int, list[float]] = defaultdict(list)
     for row in _rows(ALL_REDUCE_TABLES[profile_gpu]):
         if int(row["num_workers"]) == workers and int(row["devices_per_node"]) == workers:
@@ -215,8 +230,14 @@ def all_reduce_table(profile_gpu: str, workers: int) -> tuple[np.ndarray, np.nda
     if not points:
         raise ValueError(f"no all-reduce profile for {workers} GPUs on {profile_gpu}")
     sizes = np.array(sorted(points), dtype=float)
-    times = np.array([np.mean(points[int(s)]) for s in sizes])
+    times = non_decreasing(np.array([np.mean(points[int(s)]) for s in sizes]))
     return np.log(sizes), np.log(times)
+
+
+def all_reduce_bytes_per_ms(profile_gpu: str, workers: int) -> float:
+    """The bandwidth NCCL reaches with the largest message profiled (bytes per ms)."""
+    log_sizes, log_times = all_reduce_table(profile_gpu, workers)
+    return float(np.exp(log_sizes[-1] - log_times[-1]))
 
 
 def all_reduce_ms(profile_gpu: str, workers: int, size_bytes: np.ndarray | float) -> np.ndarray:

@@ -73,7 +73,7 @@ def test_lists(capsys):
     gpus = run_json(capsys, "twin", "gpus", "--json")
     models = run_json(capsys, "twin", "models", "--json")
     assert {g["name"] for g in gpus} == {"a100-sxm4-80gb", "a100-sxm4-40gb", "h100-sxm5-80gb"}
-    assert {m["name"] for m in models} == {"llama3-8b", "llama2-13b", "llama2-70b", "llama3-70b"}
+    assert {m["name"] for m in models} == {"llama2-7b", "llama3-8b", "llama2-13b", "llama2-70b", "llama3-70b"}
 
 
 @pytest.mark.parametrize(

@@ -7,10 +7,10 @@ from importlib import resources
 
 import numpy as np
 import pytest
+from scipy.optimize import brentq
 
 from agent.catalog import gpu_spec, model_spec
-from agent.domain import ModelSpec
-from agent.twin import profiles
+from agent.twin import frequency, profiles
 from agent.twin.latency import LatencyModel
 from agent.twin.power import PowerModel
 
@@ -18,8 +18,7 @@ A100_80 = gpu_spec("a100-sxm4-80gb")
 A100_40 = gpu_spec("a100-sxm4-40gb")
 LLAMA3_8B = model_spec("llama3-8b")
 LLAMA2_13B = model_spec("llama2-13b")
-# Llama-2-7B is profiled by Vidur but not in our catalog; used to check derivation.
-LLAMA2_7B = ModelSpec("llama2-7b", "meta-llama/Llama-2-7b-hf", 32, 4096, 32, 32, 11008, 32000, 4096)
+LLAMA2_7B = model_spec("llama2-7b")
 
 
 def _vidur_linear_ms(file: str, tp: int) -> dict[int, float]:
@@ -33,14 +32,28 @@ def _vidur_linear_ms(file: str, tp: int) -> dict[int, float]:
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_linear_ops_within_10pct_of_vidur_at_listed_token_counts(tp):
-    table = _vidur_linear_ms("a100__meta-llama__Meta-Llama-3-8B__mlp.csv", tp)
+@pytest.mark.parametrize(("gpu", "hf_name"), sorted(profiles.MLP_TABLES))
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_monotone_tables_stay_close_to_vidur(gpu, hf_name, tp):
+    # The non-decreasing fit moves few points: measured 2026-12-03, median <= 1.2% and p95 <= 7%
+    # per table; the largest move is a 14-18% dip in a few H100 and TP4/TP8 rows.
+    raw = _vidur_linear_ms(profiles.MLP_TABLES[(gpu, hf_name)], tp)
+    fitted = profiles.mlp_profile(gpu, hf_name, tp)
+    assert np.all(np.diff(fitted.linear_ms) >= 0) and np.all(np.diff(fitted.elementwise_ms) >= 0)
+    errors = np.abs(fitted.linear_ms / np.array([raw[int(t)] for t in fitted.tokens]) - 1)
+    assert np.median(errors) < 0.015
+    assert np.quantile(errors, 0.95) < 0.08
+    assert errors.max() < 0.20
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_linear_cost_reproduces_the_monotone_table_at_max_clock(tp):
+    fitted = profiles.mlp_profile("a100", LLAMA3_8B.hf_name, tp)
     cost = profiles.linear_cost("a100", LLAMA3_8B, tp, 8192)
-    for tokens, measured in table.items():
+    for tokens, ms in zip(fitted.tokens.astype(int), fitted.linear_ms, strict=True):
         if tokens <= 8192:
-            modelled = math.hypot(cost.memory_ms[tokens], cost.compute_ms[tokens])
-            assert modelled == pytest.approx(measured, rel=0.10), tokens
+            assert math.hypot(cost.memory_ms[tokens], cost.compute_ms[tokens]) == pytest.approx(ms, rel=1e-3)
+    assert np.all(np.diff(cost.memory_ms[1:]) >= 0) and np.all(np.diff(cost.compute_ms) >= 0)
 
 
 def test_parameter_scaling_predicts_an_unseen_model():
@@ -92,13 +105,30 @@ def test_all_reduce_interpolates_the_table():
 
 @pytest.mark.parametrize(("gpu", "model"), [(A100_80, LLAMA3_8B), (A100_40, LLAMA2_13B)])
 @pytest.mark.parametrize("batch", [1, 8, 16, 32])
-def test_decode_slows_at_most_6pct_at_1050(gpu, model, batch):
+def test_decode_at_1050_slows_less_than_the_paper_loses_in_throughput(gpu, model, batch):
+    # throttLL'eM (secondary source): -6.25% throughput at 1050 MHz, batch 32, prefills included;
+    # decode alone, mostly weight streaming, must lose less but still lose something.
     latency = LatencyModel(gpu, model, 1, 8192)
     slow = (
         latency.iteration(1050, batch, batch * 1024).time_s
         / latency.iteration(1410, batch, batch * 1024).time_s
     )
-    assert 1.0 <= slow <= 1.06
+    assert 1.01 <= slow <= 1 / (1 - 0.0625) + 0.005
+
+
+def test_batch_one_decode_slows_below_the_knee_as_the_v100_sweep():
+    # The V100 sweep (frequency.V100_DECODE_SLOWDOWN) on the normalised clock; the fit's worst
+    # point is 750 MHz, where the V100 slows faster than any clock-bound kernel could (1/f).
+    latency = LatencyModel(A100_80, LLAMA2_7B, 1, 8192)
+
+    def time_at(v100_mhz: int) -> float:
+        clock = v100_mhz / frequency.V100_MAX_MHZ * A100_80.max_clock_mhz
+        return float(latency.decode_time_s(np.array([clock]), np.array([1]), np.array([320]))[0])
+
+    reference = time_at(frequency.V100_REFERENCE_MHZ)
+    for v100_mhz, measured in frequency.V100_DECODE_SLOWDOWN.items():
+        assert time_at(v100_mhz) / reference == pytest.approx(measured, rel=0.06), v100_mhz
+    assert time_at(750) / reference > 1.2  # the knee is there, not extrapolated away
 
 
 def test_gemm_slowdown_matches_the_derived_estimate():
@@ -178,6 +208,29 @@ class TestPower:
             energy[f] = power.busy_w(f, cost) * cost.time_s
         gain = energy[1410] / energy[1050] - 1
         assert 0.25 <= gain <= 0.50
+
+    # ML.ENERGY leaderboard v3 (ml-energy/leaderboard@0cd52da, public/data/models/
+    # meta-llama__Llama-3.1-8B-Instruct__lm-arena-chat.json), one H100 under vLLM:
+    # (batch, median inter-token latency ms, mean power W).
+    ML_ENERGY_H100 = ((32, 8.907, 559.71), (64, 11.500, 610.35), (128, 16.482, 669.24), (192, 20.908, 688.25))
+
+    @pytest.mark.parametrize(("batch", "itl_ms", "watts"), ML_ENERGY_H100)
+    def test_h100_decode_power_follows_the_batch_as_measured(self, batch, itl_ms, watts):
+        h100 = gpu_spec("h100-sxm5-80gb")
+        latency, power = LatencyModel(h100, LLAMA3_8B, 1, 8192), PowerModel(h100)
+        # Replay the measured state: the context per request at which the twin's step takes the ITL.
+        context = brentq(
+            lambda c: latency.iteration(1980, batch, int(batch * c)).time_s * 1e3 - itl_ms, 1, 2e4
+        )
+        assert power.busy_w(1980, latency.iteration(1980, batch, int(batch * context))) == pytest.approx(
+            watts, rel=0.05
+        )
+
+    def test_a100_decode_power_is_nearly_flat_in_batch(self):
+        # throttLL'eM's characterisation: at a given clock, power is roughly flat across batch sizes.
+        latency, power = LatencyModel(A100_40, LLAMA2_13B, 1, 8192), PowerModel(A100_40)
+        watts = [power.busy_w(1410, latency.iteration(1410, b, b * 1024)) for b in (1, 8, 32)]
+        assert max(watts) / min(watts) < 1.10
 
     def test_stock_idle_is_below_locked_idle(self):
         power = PowerModel(A100_80)
