@@ -3,7 +3,7 @@
 The sidecar and the benchmarks share this: `max` and `static:<MHz>` need nothing; `reactive`
 needs the SLO targets; `throttllem` needs the shipped IPS model of the engine, the engine's
 limits (KV capacity sizes the model's lookup tables) and a length predictor. The `oracle`, which
-decides with the twin's own latency model, is built in `agent.bench.policies`.
+decides with the twin's own latency model, is built in `agent.sim.policies`.
 """
 
 from __future__ import annotations

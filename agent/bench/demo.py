@@ -22,9 +22,9 @@ import numpy as np
 
 from agent.bench.demo_plan import DemoConfig, DemoWorkload, plan_workload, plot_title, title_of
 from agent.bench.live_run import LiveRun, LiveRunError, LiveRunSpec, LiveState, mean_busy_clock_mhz, run_live
-from agent.bench.policies import build_policy
 from agent.bench.replay import replay_slo, run_policy
 from agent.bench.report import RunRecord, write_plots
+from agent.sim.policies import build_policy
 
 BASELINE_POLICY = "max"
 PLOT_LABEL = "demo"

@@ -6,7 +6,7 @@ get a tighter KV reservation under `guaranteed_no_evict` than the policies it is
 
 Peak load is the highest rate scale at which `max` still meets the SLO preset (attainment at least
 the preset's `percentile`, 99% for the shipped presets). The search starts at the engine's capacity
-(the window compressed to the completion rate of a saturated `max` run, `agent.twin.capacity`),
+(the window compressed to the completion rate of a saturated `max` run, `agent.sim.capacity`),
 brackets by factors of 2, then bisects in log space. Attainment is not strictly monotone in the
 rate, so the result is a boundary the search found, known to within the last bracket.
 
@@ -28,15 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.policies import BuiltPolicy, build_policy
 from agent.bench.report import RunRecord
 from agent.control.policies import MaxPolicy
 from agent.control.slo import SloTargets
 from agent.domain import Request, Slo
+from agent.sim.capacity import rate_scale_for_load
+from agent.sim.loop import simulate
+from agent.sim.policies import BuiltPolicy, build_policy
+from agent.sim.results import SimulationResult
 from agent.slo_presets import SloPreset, control_targets, resolve_e2e
-from agent.twin.capacity import rate_scale_for_load
-from agent.twin.results import SimulationResult
-from agent.twin.simulator import TwinSetup, simulate
+from agent.twin.setup import TwinSetup
 from agent.workloads import Workload
 
 Progress = Callable[[float], None]

@@ -39,13 +39,13 @@ import psutil
 from agent.bench.decide import benchmark_decide
 from agent.bench.demo_plan import DemoConfig, capacity_rps, plan_workload, trace_slice
 from agent.bench.live_run import DECISION_HISTOGRAM, warm_up
-from agent.bench.policies import build_policy
 from agent.bench.processes import ProcessGroup, SidecarSpec, Twin, start_sidecar, start_twin
 from agent.bench.scrape import get_page
 from agent.control.policies import ThrottllemPolicy
 from agent.domain import Request
+from agent.sim.policies import build_policy
 from agent.slo_presets import SloPreset, control_targets
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
 from agent.workloads.loadgen import LoadReport, RequestResult, TokenRecording, generate_load
 

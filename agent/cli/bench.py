@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.bench.decide import benchmark_decide
-from agent.bench.policies import build_policy, ips_model_dir
 from agent.cli.common import (
     CliError,
     add_setup_args,
@@ -22,8 +21,9 @@ from agent.cli.models import PROFILE_NOISE
 from agent.config import Settings
 from agent.control.frequency import SEARCHES
 from agent.control.policies import ThrottllemPolicy, parse_policy
+from agent.sim.loop import simulate
+from agent.sim.policies import build_policy, ips_model_dir
 from agent.slo_presets import control_targets, load_slo_preset
-from agent.twin.simulator import simulate
 from agent.workloads import load_trace
 
 

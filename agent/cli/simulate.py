@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from agent.bench.policies import POLICY_SPECS, build_policy
 from agent.cli.common import (
     add_setup_args,
     add_workload_args,
@@ -19,9 +18,10 @@ from agent.cli.common import (
 )
 from agent.config import Settings
 from agent.domain import Request
+from agent.sim.loop import simulate
+from agent.sim.policies import POLICY_SPECS, build_policy
 from agent.slo_presets import control_targets, load_slo_preset
 from agent.twin.iteration_stats import IterationStats, to_executor_json, to_triton_stats_json
-from agent.twin.simulator import simulate
 
 ITERATION_STATS_FORMATS = {"executor": to_executor_json, "triton": to_triton_stats_json}
 PREDICTIVE_MAX_TOKENS = 2048  # client max_tokens when a predictive policy runs and none is given

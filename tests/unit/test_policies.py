@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bench.policies import build_policy
 from agent.catalog import gpu_spec, model_spec
 from agent.control.slo import SloTargets
-from agent.twin.simulator import TwinSetup, simulate
+from agent.sim.loop import simulate
+from agent.sim.policies import build_policy
+from agent.twin.setup import TwinSetup
 from agent.workloads import synthetic_from_spec
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"), noise=0.02, seed=3)

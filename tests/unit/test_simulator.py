@@ -6,9 +6,10 @@ import pytest
 from agent.catalog import gpu_spec, model_spec
 from agent.control.policies import MaxPolicy, StaticPolicy, parse_policy
 from agent.domain import Request
+from agent.sim.loop import simulate
 from agent.twin.iteration_stats import parse_executor_json, to_executor_json
 from agent.twin.memory import EngineConfig
-from agent.twin.simulator import TwinSetup, fit_to_engine, simulate
+from agent.twin.setup import TwinSetup, fit_to_engine
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
 

@@ -24,8 +24,8 @@ from agent.policy_factory import (
 )
 from agent.policy_factory import build_policy as build_engine_policy
 from agent.predict.lengths import OraclePredictor
-from agent.twin.oracle import TwinTimeModel
-from agent.twin.simulator import TwinSetup
+from agent.sim.oracle_model import TwinTimeModel
+from agent.twin.setup import TwinSetup
 
 __all__ = ["POLICY_SPECS", "BuiltPolicy", "OptimisticTimeModel", "build_policy", "ips_model_dir"]
 
