@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -52,6 +52,14 @@ class Policy(Protocol):
         """Stable label used in reports."""
         ...
 
+    @property
+    def gates_admission(self) -> bool:
+        """Whether it admits queued requests itself (its view needs a scoreboard of predicted lengths).
+
+        A policy that does not lets every arrival straight into the engine, as stock Triton does.
+        """
+        ...
+
     def decide(self, view: ControlView) -> Decision:
         """The clock (None = stock) and the queued requests to admit."""
         ...
@@ -62,6 +70,7 @@ class MaxPolicy:
     """Stock GPU behaviour: never lock the clock."""
 
     name: str = "max"
+    gates_admission: ClassVar[bool] = False
 
     def decide(self, view: ControlView) -> Decision:
         """Leave the GPU unlocked."""
@@ -73,6 +82,7 @@ class StaticPolicy:
     """Lock one SM clock for the whole run."""
 
     clock_mhz: int
+    gates_admission: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -122,7 +132,7 @@ class ThrottllemPolicy:
     the projected decode time by 1 / (1 - share of time those prefills take at each clock).
     """
 
-    gates_admission = True
+    gates_admission: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -241,6 +251,8 @@ class ReactivePolicy:
     `high` × target, or when requests wait, it proposes max clock. The guard's hysteresis and
     switch budget smooth the proposals. It admits every request at once, like a stock server.
     """
+
+    gates_admission: ClassVar[bool] = False
 
     def __init__(
         self,

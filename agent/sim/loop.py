@@ -59,7 +59,7 @@ class Simulation:
         )
         # Policies that gate admission see a scoreboard fed by a length predictor; the others
         # let every arrival straight into the engine, as a stock Triton does.
-        self.gated = bool(getattr(policy, "gates_admission", False))
+        self.gated = policy.gates_admission
         self.scoreboard = Scoreboard() if self.gated else None
         self._pending: dict[int, Request] = {}
         predictor = length_predictor or MaxTokensPredictor()
