@@ -43,7 +43,8 @@ from agent.bench.processes import ProcessGroup, SidecarSpec, Twin, start_sidecar
 from agent.bench.scrape import get_page
 from agent.control.policies import ThrottllemPolicy
 from agent.domain import Request
-from agent.sim.policies import build_policy
+from agent.policy_registry import build_policy
+from agent.sim.policies import policy_context
 from agent.slo_presets import SloPreset, control_targets
 from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
@@ -300,7 +301,9 @@ def _mean_ms(page: Any) -> float | None:
 
 def decide_reference(config: SidecarBenchConfig) -> dict[str, Any]:
     """The in-process `bench decide` figure (256 running, 32 queued)."""
-    built = build_policy("throttllem", config.setup, control_targets(config.preset), config.models_dir)
+    built = build_policy(
+        "throttllem", policy_context(config.setup, control_targets(config.preset), config.models_dir)
+    )
     assert isinstance(built.policy, ThrottllemPolicy)
     return benchmark_decide(built.policy, config.setup, 256, 32, config.decide_repeats, config.setup.seed)
 

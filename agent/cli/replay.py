@@ -20,7 +20,7 @@ from agent.cli.common import (
 )
 from agent.cli.simulate import PREDICTIVE_MAX_TOKENS
 from agent.config import Settings
-from agent.sim.policies import POLICY_SPECS
+from agent.policy_registry import policy_syntax
 from agent.slo_presets import load_slo_preset
 from agent.twin.setup import TwinSetup
 from agent.workloads import Workload
@@ -155,7 +155,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         "--policies",
         type=_names,
         default="max,static:1050,reactive,throttllem,oracle",
-        help=f"comma-separated, each {POLICY_SPECS} (default %(default)s)",
+        help=f"comma-separated, each {policy_syntax()} (default %(default)s)",
     )
     rep.add_argument(
         "--length-error",

@@ -2,7 +2,7 @@
 
 `max` is stock behaviour, the baseline every saving is measured against: the GPU is left
 unlocked, so it boosts to its max clock when busy and idles down when not. `static:<MHz>` locks
-one clock for the whole run.
+one clock for the whole run. `agent.policy_registry` builds each of them from its name.
 """
 
 from __future__ import annotations
@@ -94,27 +94,7 @@ class StaticPolicy:
         return Decision(sm_clock_mhz=self.clock_mhz)
 
 
-POLICY_NAMES = ("max", "static:<MHz>")
 MAX_PREFILL_SHARE = 0.9  # cap on the share of time arriving prefills are assumed to take
-
-
-def parse_policy(spec: str, gpu: GpuSpec) -> Policy:
-    """Build a policy from its CLI/env spelling; errors name what is allowed."""
-    name, _, arg = spec.partition(":")
-    if name == "max" and not arg:
-        return MaxPolicy()
-    if name == "static":
-        try:
-            clock = int(arg)
-        except ValueError:
-            raise ValueError(f"policy {spec!r}: static needs a clock in MHz, e.g. static:1050") from None
-        if clock not in gpu.sm_clocks_mhz:
-            raise ValueError(
-                f"policy {spec!r}: {clock} MHz is not a supported clock of {gpu.name} "
-                f"({gpu.min_clock_mhz}..{gpu.max_clock_mhz} MHz in 15 MHz steps)"
-            )
-        return StaticPolicy(clock)
-    raise ValueError(f"unknown policy {spec!r}; known: {', '.join(POLICY_NAMES)}")
 
 
 class ThrottllemPolicy:

@@ -1,8 +1,8 @@
-"""Build any clock policy by name for a twin setup: the policy catalogue plus the twin's oracle.
+"""Policies for a twin setup: the engine limits it implies, and a build context with the twin's exact model.
 
-Everything but `oracle` is built by `agent.policy_factory`, as the live sidecar builds it, from
-the engine limits the twin setup implies; `oracle` decides with the twin's own latency model and
-the true output lengths — the floor throttllem is measured against.
+Every policy is built by `agent.policy_registry`, as the live sidecar builds it; what the twin
+adds is what a live engine cannot give: its limits before it runs, and the exact latency model
+the oracle decides with (`agent.sim.oracle_model`), beside the true output lengths.
 """
 
 from __future__ import annotations
@@ -10,26 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.control.admission import EngineLimits
-from agent.control.policies import ThrottllemPolicy
+from agent.control.frequency import IterationTimeModel
 from agent.control.slo import SloTargets
-from agent.policy_factory import (
-    LIVE_POLICY_NAMES,
-    LIVE_POLICY_SPECS,
-    BuiltPolicy,
-    OptimisticTimeModel,
-    check_optimism,
-    ips_model_dir,
-    needs_limits,
-    profiled_clocks,
-)
-from agent.policy_factory import build_policy as build_engine_policy
-from agent.predict.lengths import OraclePredictor
+from agent.policy_registry import PolicyContext, ServedEngine
 from agent.sim.oracle_model import TwinTimeModel
 from agent.twin.setup import TwinSetup
-
-__all__ = ["POLICY_SPECS", "BuiltPolicy", "OptimisticTimeModel", "build_policy", "ips_model_dir"]
-
-POLICY_SPECS = f"{LIVE_POLICY_SPECS} | oracle"
 
 
 def setup_limits(setup: TwinSetup) -> EngineLimits:
@@ -40,42 +25,29 @@ def setup_limits(setup: TwinSetup) -> EngineLimits:
     )
 
 
-def build_policy(
-    spec: str,
-    setup: TwinSetup,
-    targets: SloTargets,
-    models_dir: Path,
-    seed: int = 0,
-    ips_optimism_pct: float = 0.0,
-) -> BuiltPolicy:
-    """The policy `spec` names, wired to `setup` (errors list the known names).
+def policy_context(
+    setup: TwinSetup, targets: SloTargets, models_dir: Path, seed: int = 0, ips_optimism_pct: float = 0.0
+) -> PolicyContext:
+    """What any policy is built from on `setup`, the oracle's exact time model included.
 
     `ips_optimism_pct` > 0 makes throttllem's IPS model that much too optimistic (the guard
     experiment); the policy's label says so.
     """
-    name = spec.partition(":")[0]
-    if name not in (*LIVE_POLICY_NAMES, "oracle"):
-        raise ValueError(f"unknown policy {spec!r}; known: {POLICY_SPECS}")
-    if name == "oracle":
-        check_optimism(ips_optimism_pct)
-        limits = setup_limits(setup)
-        model = TwinTimeModel(
+
+    def exact_time_model(clocks_mhz: tuple[int, ...], limits: EngineLimits) -> IterationTimeModel:
+        return TwinTimeModel(
             setup.latency_model(),
-            profiled_clocks(setup.gpu),
+            clocks_mhz,
             limits.max_batch_size,
             limits.kv_blocks,
             tokens_per_block=limits.tokens_per_block,
         )
-        policy = ThrottllemPolicy(model, targets, setup.gpu.max_clock_mhz, name="oracle", correct=False)
-        return BuiltPolicy(policy, OraclePredictor())
-    return build_engine_policy(
-        spec,
-        setup.gpu,
-        setup.model.name,
-        setup.tp,
-        setup_limits(setup) if needs_limits(spec) else None,
-        targets,
-        models_dir,
+
+    return PolicyContext(
+        engine=ServedEngine(setup.gpu, setup.model.name, setup.tp, models_dir),
+        targets=targets,
+        limits=setup_limits(setup),
         seed=seed,
         ips_optimism_pct=ips_optimism_pct,
+        exact_time_model=exact_time_model,
     )
