@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.catalog import GPUS, MODELS
-from agent.policy_factory import check_live_spec, needs_limits
+from agent.policy_registry import PolicySpec, ServedEngine, check_live_policy, policy_syntax
 from agent.slo_presets import load_slo_preset
 
 ENV_PREFIX = "THROTTLLEM_"
@@ -27,7 +27,6 @@ DEFAULT_METRICS_URLS = {
     "trtllm-serve": "http://127.0.0.1:8000/metrics",
     "vllm": "http://127.0.0.1:8000/metrics",
 }
-POLICY_NAMES = ("max", "static", "reactive", "throttllem", "oracle")
 
 
 class ConfigError(ValueError):
@@ -61,11 +60,7 @@ class Settings(BaseSettings):
     )
     model: str = Field("llama3-8b", description="served model (catalog name)")
     tp: int = Field(1, ge=1, le=8, description="tensor-parallel degree of the engine")
-    policy: str = Field(
-        "max",
-        description="clock policy: max | static:<MHz> | reactive | throttllem[:<length predictor>] "
-        "(oracle: simulate and replay only)",
-    )
+    policy: str = Field("max", description=f"clock policy: {policy_syntax(live=True)}")
     seed: int = Field(0, ge=0, description="seed for every random choice of a run")
     models_dir: Path = Field(Path("models"), description="trained models: <gpu>/<model>-tp<N>/, lengths/")
     clock_change_delay_ms: float = Field(
@@ -145,12 +140,11 @@ class Settings(BaseSettings):
 
     @field_validator("policy")
     @classmethod
-    def _policy_name(cls, value: str) -> str:
-        if value.partition(":")[0] not in POLICY_NAMES:
-            raise ValueError(
-                "must be max | static:<MHz> | reactive | throttllem[:<length predictor>] "
-                "(oracle: simulate and replay only)"
-            )
+    def _policy_spec(cls, value: str) -> str:
+        try:
+            PolicySpec.parse(value)
+        except ValueError:
+            raise ValueError(f"must be {policy_syntax(live=True)}") from None
         return value
 
     @field_validator("engine_metrics_url", "engine_url", "twin_url", "dcgm_url")
@@ -184,14 +178,16 @@ class Settings(BaseSettings):
     def sidecar_problems(self) -> list[str]:
         """What stops the sidecar running with these settings together; each names a variable."""
         problems = self._gpu_selection_problems()
-        if needs_limits(self.policy) and not self.models_dir.is_dir():
+        policy = PolicySpec.parse(self.policy).entry  # the field's validator has refused what does not parse
+        if policy.needs_trained_models and not self.models_dir.is_dir():
             problems.append(_problem("models_dir", str(self.models_dir), "must be an existing directory"))
         else:
+            engine = ServedEngine(GPUS[self.gpu], self.model, self.tp, self.models_dir)
             try:
-                check_live_spec(self.policy, GPUS[self.gpu], self.models_dir, self.model, self.tp)
+                check_live_policy(self.policy, engine)
             except ValueError as exc:
                 problems.append(_problem("policy", self.policy, str(exc)))
-        if needs_limits(self.policy) and not self.gateway_port:
+        if policy.runs_live and policy.gates_admission and not self.gateway_port:
             problems.append(
                 _problem(
                     "gateway_port",

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.policies import setup_limits
 from agent.control.policies import ControlView, ThrottllemPolicy
 from agent.control.scoreboard import Scoreboard
 from agent.domain import EngineStats, Request
-from agent.twin.simulator import TwinSetup
+from agent.sim.policies import setup_limits
+from agent.twin.setup import TwinSetup
 
 KV_FILL = 0.7  # share of the KV cache the running requests hold: a busy engine, not an overflowing one
 PROMPT_MEDIAN_TOKENS = 256  # a quarter of the conv trace's median prompt

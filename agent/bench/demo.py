@@ -22,9 +22,10 @@ import numpy as np
 
 from agent.bench.demo_plan import DemoConfig, DemoWorkload, plan_workload, plot_title, title_of
 from agent.bench.live_run import LiveRun, LiveRunError, LiveRunSpec, LiveState, mean_busy_clock_mhz, run_live
-from agent.bench.policies import build_policy
 from agent.bench.replay import replay_slo, run_policy
 from agent.bench.report import RunRecord, write_plots
+from agent.policy_registry import build_policy
+from agent.sim.policies import policy_context
 
 BASELINE_POLICY = "max"
 PLOT_LABEL = "demo"
@@ -97,7 +98,7 @@ def live_figures(run: LiveRun) -> dict[str, Any]:
 def simulated_baseline(config: DemoConfig, workload: DemoWorkload) -> RunRecord:
     """`max` on the identical requests and engine, in the virtual-time simulator."""
     slo = replay_slo(config.preset)
-    built = build_policy(BASELINE_POLICY, config.setup, slo.targets, config.models_dir)
+    built = build_policy(BASELINE_POLICY, policy_context(config.setup, slo.targets, config.models_dir))
     return run_policy(
         built,
         config.setup,

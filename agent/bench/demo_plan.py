@@ -1,7 +1,7 @@
 """The demo's slice: which requests, at what rate, so the live run and its baseline replay the same list.
 
 The engine's capacity is the completion rate of a saturated `max` run on the twin
-(`agent.twin.capacity`) over the trace's mix from `start_s` on (CAPACITY_SAMPLE_S of it: a short
+(`agent.sim.capacity`) over the trace's mix from `start_s` on (CAPACITY_SAMPLE_S of it: a short
 slice would let its single longest request set the figure). The slice is then the next
 `load` × capacity × `duration_s` requests from `start_s`, with arrivals scaled so they last
 `duration_s` on the wall clock: the engine sees `load` × its capacity for that long. `throttllem
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from agent.bench.processes import LoadSpec
 from agent.domain import Request
+from agent.sim.capacity import peak_rate_rps
 from agent.slo_presets import SloPreset
-from agent.twin.capacity import peak_rate_rps
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import Workload, load_trace
 
 DEMO_TRACE = "azure-conv"

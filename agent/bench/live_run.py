@@ -37,7 +37,7 @@ from agent.bench.processes import (
     start_twin,
 )
 from agent.bench.scrape import MetricsPage, get_json, get_page
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 DECISION_HISTOGRAM = "throttllem_decision_seconds"
 TAIL_ALLOWANCE_S = 300.0  # after the last arrival, the longest request may still stream for this long

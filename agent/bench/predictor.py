@@ -19,7 +19,7 @@ from agent.modeling.dataset import DatasetWriter, read_dataset
 from agent.modeling.profile import SweepConfig, TwinProfileTarget, run_sweep, sweep_meta
 from agent.modeling.train import regression_metrics
 from agent.predict.ips import BATCH, CLOCK, KV, IpsModel, IpsTable
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 FRESH_SEED_OFFSET = 1000  # sweep and jitter seeds of the evaluation profile: never the training ones
 LATENCY_ROWS = (1, 64, 1024)

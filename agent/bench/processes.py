@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 START_TIMEOUT_S = 60.0  # the CLI imports a lot; a loaded 2-core machine needs the margin
 STOP_TIMEOUT_S = 15.0  # the sidecar's own hard-exit backstop is 10 s

@@ -6,7 +6,7 @@ get a tighter KV reservation under `guaranteed_no_evict` than the policies it is
 
 Peak load is the highest rate scale at which `max` still meets the SLO preset (attainment at least
 the preset's `percentile`, 99% for the shipped presets). The search starts at the engine's capacity
-(the window compressed to the completion rate of a saturated `max` run, `agent.twin.capacity`),
+(the window compressed to the completion rate of a saturated `max` run, `agent.sim.capacity`),
 brackets by factors of 2, then bisects in log space. Attainment is not strictly monotone in the
 rate, so the result is a boundary the search found, known to within the last bracket.
 
@@ -28,15 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.policies import BuiltPolicy, build_policy
 from agent.bench.report import RunRecord
 from agent.control.policies import MaxPolicy
 from agent.control.slo import SloTargets
 from agent.domain import Request, Slo
+from agent.policy_registry import BuiltPolicy, PolicySpec, build_policy
+from agent.sim.capacity import rate_scale_for_load
+from agent.sim.loop import simulate
+from agent.sim.policies import policy_context
+from agent.sim.results import SimulationResult
 from agent.slo_presets import SloPreset, control_targets, resolve_e2e
-from agent.twin.capacity import rate_scale_for_load
-from agent.twin.results import SimulationResult
-from agent.twin.simulator import TwinSetup, simulate
+from agent.twin.setup import TwinSetup
 from agent.workloads import Workload
 
 Progress = Callable[[float], None]
@@ -155,13 +157,13 @@ def plan_runs(policies: Sequence[str], length_errors: Sequence[float]) -> tuple[
     if bad:
         raise ValueError(f"length errors must be percentages >= 0, got {bad}")
     plan: list[PlannedRun] = []
-    for spec in policies:
-        name, _, predictor = spec.partition(":")
-        if name != LENGTH_PREDICTING or not length_errors:
-            plan.append(PlannedRun(spec, None))
-        elif predictor:
+    for text in policies:
+        spec = PolicySpec.parse(text)
+        if spec.name != LENGTH_PREDICTING or not length_errors:
+            plan.append(PlannedRun(text, None))
+        elif spec.arg is not None:
             raise ValueError(
-                f"policy {spec!r} names its own length predictor, but length errors replace "
+                f"policy {text!r} names its own length predictor, but length errors replace "
                 f"throttllem's predictor: list plain {LENGTH_PREDICTING!r}"
             )
         else:
@@ -305,10 +307,10 @@ def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
             p99 = saturated_p99_e2e_s(setup, workload, capacity, cap, progress)
     slo = replay_slo(preset, p99)
 
+    context = policy_context(setup, slo.targets, config.models_dir, config.seed, config.ips_optimism_pct)
+
     def build(run: PlannedRun) -> BuiltPolicy:
-        return build_policy(
-            run.spec, setup, slo.targets, config.models_dir, config.seed, config.ips_optimism_pct
-        )
+        return build_policy(run.spec, context)
 
     # Build the first load's policies before any long run, so a bad spec or a missing model fails
     # fast; later loads get fresh ones, since policies keep state.

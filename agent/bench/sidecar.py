@@ -39,13 +39,14 @@ import psutil
 from agent.bench.decide import benchmark_decide
 from agent.bench.demo_plan import DemoConfig, capacity_rps, plan_workload, trace_slice
 from agent.bench.live_run import DECISION_HISTOGRAM, warm_up
-from agent.bench.policies import build_policy
 from agent.bench.processes import ProcessGroup, SidecarSpec, Twin, start_sidecar, start_twin
 from agent.bench.scrape import get_page
 from agent.control.policies import ThrottllemPolicy
 from agent.domain import Request
+from agent.policy_registry import build_policy
+from agent.sim.policies import policy_context
 from agent.slo_presets import SloPreset, control_targets
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
 from agent.workloads.loadgen import LoadReport, RequestResult, TokenRecording, generate_load
 
@@ -300,7 +301,9 @@ def _mean_ms(page: Any) -> float | None:
 
 def decide_reference(config: SidecarBenchConfig) -> dict[str, Any]:
     """The in-process `bench decide` figure (256 running, 32 queued)."""
-    built = build_policy("throttllem", config.setup, control_targets(config.preset), config.models_dir)
+    built = build_policy(
+        "throttllem", policy_context(config.setup, control_targets(config.preset), config.models_dir)
+    )
     assert isinstance(built.policy, ThrottllemPolicy)
     return benchmark_decide(built.policy, config.setup, 256, 32, config.decide_repeats, config.setup.seed)
 

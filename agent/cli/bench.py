@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.bench.decide import benchmark_decide
-from agent.bench.policies import build_policy, ips_model_dir
 from agent.cli.common import (
     CliError,
     add_setup_args,
@@ -21,9 +20,11 @@ from agent.cli.common import (
 from agent.cli.models import PROFILE_NOISE
 from agent.config import Settings
 from agent.control.frequency import SEARCHES
-from agent.control.policies import ThrottllemPolicy, parse_policy
+from agent.control.policies import MaxPolicy, ThrottllemPolicy
+from agent.policy_registry import build_policy, ips_model_dir
+from agent.sim.loop import simulate
+from agent.sim.policies import policy_context
 from agent.slo_presets import control_targets, load_slo_preset
-from agent.twin.simulator import simulate
 from agent.workloads import load_trace
 
 
@@ -32,7 +33,7 @@ def cmd_bench_sim(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     requests = load_trace(args.trace).requests()
     with progress_bar("bench sim", not args.json) as progress:
-        summary = simulate(setup, parse_policy("max", setup.gpu), requests, progress).summary()
+        summary = simulate(setup, MaxPolicy(), requests, progress).summary()
     figures = {
         "trace": args.trace,
         "gpu": setup.gpu.name,
@@ -75,7 +76,7 @@ def cmd_bench_decide(args: argparse.Namespace) -> int:
     targets = control_targets(preset)
     figures = {}
     for search in SEARCHES:
-        built = build_policy("throttllem", setup, targets, args.models_dir)
+        built = build_policy("throttllem", policy_context(setup, targets, args.models_dir))
         assert isinstance(built.policy, ThrottllemPolicy)
         built.policy.search = search
         figures[search] = benchmark_decide(

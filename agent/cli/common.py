@@ -14,9 +14,9 @@ from rich.table import Table
 
 from agent.catalog import GPUS, MODELS, gpu_spec, model_spec
 from agent.config import load_settings
-from agent.twin.capacity import rate_scale_for_load
+from agent.sim.capacity import rate_scale_for_load
 from agent.twin.memory import EngineConfig, SchedulerPolicy
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import Workload, load_trace, synthetic_from_spec
 from agent.workloads.synthetic import SYNTHETIC_SPEC_HELP
 

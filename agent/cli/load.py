@@ -22,7 +22,7 @@ from agent.cli.common import (
 )
 from agent.config import Settings
 from agent.slo_presets import load_slo_preset
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads.loadgen import LoadReport, RequestResult, TokenRecording, generate_load
 
 DEFAULT_DURATION_S = 60.0  # a minute of trace unless told: a whole trace is an hour of real time

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.bench.policies import POLICY_SPECS
 from agent.cli.common import (
     CliError,
     add_setup_args,
@@ -21,8 +20,9 @@ from agent.cli.common import (
 )
 from agent.cli.simulate import PREDICTIVE_MAX_TOKENS
 from agent.config import Settings
+from agent.policy_registry import policy_syntax
 from agent.slo_presets import load_slo_preset
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import Workload
 
 DEFAULT_LOADS = (0.5, 0.9)  # the report points, as fractions of max's peak
@@ -155,7 +155,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         "--policies",
         type=_names,
         default="max,static:1050,reactive,throttllem,oracle",
-        help=f"comma-separated, each {POLICY_SPECS} (default %(default)s)",
+        help=f"comma-separated, each {policy_syntax()} (default %(default)s)",
     )
     rep.add_argument(
         "--length-error",

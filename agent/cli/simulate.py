@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from agent.bench.policies import POLICY_SPECS, build_policy
 from agent.cli.common import (
     add_setup_args,
     add_workload_args,
@@ -19,9 +18,11 @@ from agent.cli.common import (
 )
 from agent.config import Settings
 from agent.domain import Request
+from agent.policy_registry import build_policy, policy_syntax
+from agent.sim.loop import simulate
+from agent.sim.policies import policy_context
 from agent.slo_presets import control_targets, load_slo_preset
 from agent.twin.iteration_stats import IterationStats, to_executor_json, to_triton_stats_json
-from agent.twin.simulator import simulate
 
 ITERATION_STATS_FORMATS = {"executor": to_executor_json, "triton": to_triton_stats_json}
 PREDICTIVE_MAX_TOKENS = 2048  # client max_tokens when a predictive policy runs and none is given
@@ -32,7 +33,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     preset = load_slo_preset(args.slo, setup.model.name)
     targets = control_targets(preset)
-    built = build_policy(args.policy, setup, targets, args.models_dir, seed=args.seed)
+    built = build_policy(args.policy, policy_context(setup, targets, args.models_dir, seed=args.seed))
     policy = built.policy
     # A predictive policy must not learn true lengths from max_tokens: give clients a real cap.
     cap = args.max_tokens if args.max_tokens is not None or built.lengths is None else PREDICTIVE_MAX_TOKENS
@@ -63,7 +64,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     sim = sub.add_parser("simulate", help="replay a trace through the twin in virtual time")
     add_setup_args(sim)
     add_workload_args(sim)
-    sim.add_argument("--policy", default=settings.policy, help=f"{POLICY_SPECS} (default %(default)s)")
+    sim.add_argument("--policy", default=settings.policy, help=f"{policy_syntax()} (default %(default)s)")
     sim.add_argument(
         "--slo",
         default="mlperf-server",

@@ -2,7 +2,7 @@
 
 `max` is stock behaviour, the baseline every saving is measured against: the GPU is left
 unlocked, so it boosts to its max clock when busy and idles down when not. `static:<MHz>` locks
-one clock for the whole run.
+one clock for the whole run. `agent.policy_registry` builds each of them from its name.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -52,6 +52,14 @@ class Policy(Protocol):
         """Stable label used in reports."""
         ...
 
+    @property
+    def gates_admission(self) -> bool:
+        """Whether it admits queued requests itself (its view needs a scoreboard of predicted lengths).
+
+        A policy that does not lets every arrival straight into the engine, as stock Triton does.
+        """
+        ...
+
     def decide(self, view: ControlView) -> Decision:
         """The clock (None = stock) and the queued requests to admit."""
         ...
@@ -62,6 +70,7 @@ class MaxPolicy:
     """Stock GPU behaviour: never lock the clock."""
 
     name: str = "max"
+    gates_admission: ClassVar[bool] = False
 
     def decide(self, view: ControlView) -> Decision:
         """Leave the GPU unlocked."""
@@ -73,6 +82,7 @@ class StaticPolicy:
     """Lock one SM clock for the whole run."""
 
     clock_mhz: int
+    gates_admission: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -84,27 +94,7 @@ class StaticPolicy:
         return Decision(sm_clock_mhz=self.clock_mhz)
 
 
-POLICY_NAMES = ("max", "static:<MHz>")
 MAX_PREFILL_SHARE = 0.9  # cap on the share of time arriving prefills are assumed to take
-
-
-def parse_policy(spec: str, gpu: GpuSpec) -> Policy:
-    """Build a policy from its CLI/env spelling; errors name what is allowed."""
-    name, _, arg = spec.partition(":")
-    if name == "max" and not arg:
-        return MaxPolicy()
-    if name == "static":
-        try:
-            clock = int(arg)
-        except ValueError:
-            raise ValueError(f"policy {spec!r}: static needs a clock in MHz, e.g. static:1050") from None
-        if clock not in gpu.sm_clocks_mhz:
-            raise ValueError(
-                f"policy {spec!r}: {clock} MHz is not a supported clock of {gpu.name} "
-                f"({gpu.min_clock_mhz}..{gpu.max_clock_mhz} MHz in 15 MHz steps)"
-            )
-        return StaticPolicy(clock)
-    raise ValueError(f"unknown policy {spec!r}; known: {', '.join(POLICY_NAMES)}")
 
 
 class ThrottllemPolicy:
@@ -122,7 +112,7 @@ class ThrottllemPolicy:
     the projected decode time by 1 / (1 - share of time those prefills take at each clock).
     """
 
-    gates_admission = True
+    gates_admission: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -241,6 +231,8 @@ class ReactivePolicy:
     `high` × target, or when requests wait, it proposes max clock. The guard's hysteresis and
     switch budget smooth the proposals. It admits every request at once, like a stock server.
     """
+
+    gates_admission: ClassVar[bool] = False
 
     def __init__(
         self,

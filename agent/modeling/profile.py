@@ -33,9 +33,10 @@ from agent.modeling.dataset import (
     describe_mismatch,
     mismatched_keys,
 )
+from agent.sim.loop import Simulation
 from agent.twin.gpu import UnsupportedClockError
 from agent.twin.iteration_stats import IterationStats
-from agent.twin.simulator import Simulation, TwinSetup
+from agent.twin.setup import TwinSetup
 
 KV_OCCUPANCY = (0.02, 0.95)  # share of the KV cache a point's batch fills (prompt + output)
 DECODE_TOKENS = (8, 64)  # decode iterations every request gets once the whole batch is running

@@ -34,7 +34,7 @@ from agent.domain import GpuSpec
 from agent.engines import build_adapter
 from agent.engines.base import EngineAdapter
 from agent.gpus import Actuator, GpuControlError, Meter, build_actuator, build_meter
-from agent.policy_factory import BuiltPolicy, build_policy, check_live_spec, needs_limits
+from agent.policy_registry import BuiltPolicy, PolicyContext, ServedEngine, build_policy, check_live_policy
 from agent.predict.lengths import MaxTokensPredictor
 from agent.sidecar.energy import EnergySampler
 from agent.sidecar.http_api import build_admin_app, build_sidecar_app
@@ -94,14 +94,21 @@ class HardExitBackstop:
         os._exit(HARD_EXIT_CODE)
 
 
+def served_engine(settings: Settings, gpu: GpuSpec) -> ServedEngine:
+    """The engine this sidecar steers, as its policies see it."""
+    return ServedEngine(gpu, settings.model, settings.tp, settings.models_dir)
+
+
 def policy_builder(settings: Settings, gpu: GpuSpec) -> PolicyBuilder:
     """Builds any live policy spec for the configured engine, SLO preset and models."""
-    targets = control_targets(load_slo_preset(settings.slo, settings.model))
+    context = PolicyContext(
+        served_engine(settings, gpu),
+        control_targets(load_slo_preset(settings.slo, settings.model)),
+        seed=settings.seed,
+    )
 
     def build(spec: str, limits: EngineLimits | None) -> BuiltPolicy:
-        return build_policy(
-            spec, gpu, settings.model, settings.tp, limits, targets, settings.models_dir, seed=settings.seed
-        )
+        return build_policy(spec, dataclasses.replace(context, limits=limits))
 
     return build
 
@@ -270,11 +277,10 @@ async def start_listeners(sidecar: Sidecar, stack: contextlib.AsyncExitStack) ->
             access_log=None,  # one span per request is the record; a log line each is noise at load
         )
     if settings.admin_enabled:
-        gpu = sidecar.loop.gpu
+        engine = served_engine(settings, sidecar.loop.gpu)
 
         def check(spec: str) -> None:
-            check_live_spec(spec, gpu, settings.models_dir, settings.model, settings.tp)
-            if needs_limits(spec) and sidecar.gateway_app is None:
+            if check_live_policy(spec, engine).entry.gates_admission and sidecar.gateway_app is None:
                 raise ValueError(f"policy {spec!r} needs the gateway, and this sidecar runs without one")
 
         ports["admin_port"] = await listen(

@@ -44,7 +44,7 @@ from agent.gpus.base import (
     TransientGpuError,
 )
 from agent.gpus.dryrun import DryRunActuator
-from agent.policy_factory import BuiltPolicy, needs_limits
+from agent.policy_registry import BuiltPolicy, needs_limits
 from agent.predict.lengths import MaxTokensPredictor
 from agent.sidecar.tracker import RequestTracker
 from agent.sidecar.watchdog import (

@@ -22,7 +22,7 @@ from agent.bench.live_run import warm_up
 from agent.bench.processes import ProcessGroup, ProcessStartError, SidecarSpec, start_sidecar, start_twin
 from agent.catalog import gpu_spec, model_spec
 from agent.sidecar.spans import SPAN_NAME
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
 from agent.workloads.loadgen import generate_load
 from tests.unit.test_sidecar_telemetry import Receiver, attributes

@@ -6,7 +6,7 @@ import json
 from agent.bench.processes import ProcessGroup, start_twin
 from agent.catalog import gpu_spec, model_spec
 from agent.cli import main
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))

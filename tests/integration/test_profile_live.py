@@ -23,7 +23,7 @@ from agent.cli import main
 from agent.modeling.dataset import Row, read_dataset, read_meta
 from agent.modeling.live_profile import LiveConfig, LiveProfileTarget
 from agent.modeling.profile import ProfileLimits, SweepPoint, TwinProfileTarget, sweep_point
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from tests.integration.test_twin_serve import Served, serve
 
 GPU, MODEL, MAX_SEQ_LEN = "a100-sxm4-40gb", "llama2-13b", 4096  # 249 KV blocks: points fill fast

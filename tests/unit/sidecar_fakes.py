@@ -13,7 +13,7 @@ from agent.control.policies import ControlView, StaticPolicy
 from agent.domain import Decision, EngineStats
 from agent.engines.base import AdapterHealth, EngineError, EngineUnavailableError
 from agent.gpus.base import check_supported_clock
-from agent.policy_factory import BuiltPolicy
+from agent.policy_registry import BuiltPolicy, PolicySpec
 from agent.predict.lengths import MaxTokensPredictor
 from agent.sidecar.loop import ControlLoop, LoopConfig
 from agent.sidecar.tracker import RequestTracker
@@ -146,7 +146,7 @@ class Builder:
     def __call__(self, spec: str, limits: EngineLimits | None) -> BuiltPolicy:
         self.calls.append((spec, limits))
         if spec.startswith("static:"):
-            return BuiltPolicy(StaticPolicy(int(spec.partition(":")[2])), None)
+            return BuiltPolicy(StaticPolicy(int(PolicySpec.parse(spec).arg)), None)
         return BuiltPolicy(self.policy, MaxTokensPredictor() if self.gates else None)  # type: ignore[arg-type]
 
 

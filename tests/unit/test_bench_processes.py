@@ -25,7 +25,7 @@ from agent.catalog import gpu_spec, model_spec
 from agent.cli import build_parser
 from agent.cli.common import add_setup_args, setup_from_args
 from agent.twin.memory import EngineConfig, SchedulerPolicy
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
 

@@ -16,9 +16,9 @@ from agent.catalog import gpu_spec, model_spec
 from agent.cli import build_parser
 from agent.cli.common import workload_from_args
 from agent.cli.demo import render
+from agent.sim.capacity import peak_rate_rps
 from agent.slo_presets import load_slo_preset
-from agent.twin.capacity import peak_rate_rps
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))

@@ -29,7 +29,7 @@ from agent.sidecar.energy import EnergySampler
 from agent.sidecar.metrics import SidecarMetrics
 from agent.twin.server.gpu_control import gpu_uuids
 from agent.twin.server.metrics import TritonMetrics
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from tests.unit.sidecar_fakes import ScriptedPolicy, rig
 
 REPO = Path(__file__).resolve().parents[2]

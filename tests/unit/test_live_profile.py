@@ -30,7 +30,7 @@ from agent.modeling.live_points import (
 from agent.modeling.live_profile import LiveConfig, LiveProfileError, _LiveSession
 from agent.modeling.profile import ProfileLimits, TwinProfileTarget
 from agent.twin.server.protocol import parse_generate
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 TPB = 64
 TWIN = TwinProfileTarget(TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b")))

@@ -29,7 +29,7 @@ from agent.modeling.profile import (
 )
 from agent.twin.gpu import UnsupportedClockError
 from agent.twin.memory import EngineConfig
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"), noise=0.02, seed=3)
 TARGET = TwinProfileTarget(SETUP)

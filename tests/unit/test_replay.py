@@ -20,7 +20,7 @@ from agent.bench.replay import (
 from agent.catalog import gpu_spec, model_spec
 from agent.cli import main
 from agent.slo_presets import load_slo_preset
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from agent.catalog import gpu_spec, model_spec
-from agent.control.policies import MaxPolicy, StaticPolicy, parse_policy
+from agent.control.policies import MaxPolicy, StaticPolicy
 from agent.domain import Request
+from agent.sim.loop import simulate
 from agent.twin.iteration_stats import parse_executor_json, to_executor_json
 from agent.twin.memory import EngineConfig
-from agent.twin.simulator import TwinSetup, fit_to_engine, simulate
+from agent.twin.setup import TwinSetup, fit_to_engine
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
 
@@ -89,16 +90,6 @@ def test_tensor_parallel_setup_runs():
     )
     summary = simulate(setup, MaxPolicy(), poisson_requests(1.0, 30)).summary()
     assert summary["completed"] == summary["requests"]
-
-
-def test_policy_specs():
-    gpu = SETUP.gpu
-    assert parse_policy("max", gpu).name == "max"
-    assert parse_policy("static:1050", gpu).name == "static:1050"
-    with pytest.raises(ValueError, match="not a supported clock"):
-        parse_policy("static:1051", gpu)
-    with pytest.raises(ValueError, match="known: max"):
-        parse_policy("fastest", gpu)
 
 
 def test_emits_trtllm_iteration_stats_that_parse_back():

@@ -15,7 +15,7 @@ from agent.catalog import gpu_spec, model_spec
 from agent.engines.trtllm_serve import TrtllmServeAdapter, parse_serve_metrics
 from agent.twin.server.app import ServeConfig, TwinServer, running_server
 from agent.twin.server.protocol import MULTIPLE_RESPONSES_ERROR, SERVER_METADATA
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
 GENERATE = "/v2/models/ensemble/generate"

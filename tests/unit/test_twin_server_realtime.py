@@ -7,11 +7,12 @@ import pytest
 from agent.catalog import gpu_spec, model_spec
 from agent.control.policies import MaxPolicy
 from agent.domain import Request
+from agent.sim.loop import Simulation
 from agent.twin.engine import RequestRejectedError
 from agent.twin.iteration_stats import IterationStats
 from agent.twin.memory import EngineConfig, SchedulerPolicy
 from agent.twin.server.realtime import Generation, RealtimeTwin, TwinClock, TwinObserver
-from agent.twin.simulator import Simulation, TwinSetup
+from agent.twin.setup import TwinSetup
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
 # A KV cache of a few thousand tokens, so max_utilization must pause requests.

@@ -30,7 +30,7 @@ from agent.twin.server.gpu_control import GpuControl, gpu_uuids
 from agent.twin.server.http_api import triton_app
 from agent.twin.server.metrics import TritonMetrics, metrics_app
 from agent.twin.server.realtime import RealtimeTwin, TwinClock, TwinObserver
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 SHUTDOWN_TIMEOUT_S = 2.0  # open connections get this long to finish on shutdown
 

@@ -26,7 +26,7 @@ from agent.twin.iteration_stats import IterationStats, to_executor_json, triton_
 from agent.twin.memory import RUNTIME_RESERVED_BYTES, activation_bytes
 from agent.twin.server.metrics import FinishedRequestTimes, GpuReading, TritonMetrics
 from agent.twin.server.realtime import STATS_RING, Generation, RealtimeTwin, TwinObserver
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 MIB = 1024 * 1024
 DCGM_WINDOW_S = 1.0  # NVML averages board power over one second on recent GPUs

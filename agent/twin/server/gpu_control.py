@@ -27,7 +27,7 @@ from aiohttp import web
 from agent.twin.gpu import UnsupportedClockError
 from agent.twin.server.protocol import dumps, error_body
 from agent.twin.server.realtime import RealtimeTwin
-from agent.twin.simulator import TwinSetup
+from agent.twin.setup import TwinSetup
 
 POWER_WINDOW_S = 0.1
 _UUID_NAMESPACE = uuid.UUID("6f1c1a52-7b0e-4d53-9d2c-2f3e8a0c7b11")  # fixed: the same twin, the same UUIDs

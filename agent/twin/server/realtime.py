@@ -1,9 +1,9 @@
 """The twin engine on the twin GPU, driven against the wall clock instead of virtual time.
 
 The loop is the simulator's (schedule, cost at the clock in force, run, complete), sharing its
-step functions, except that each iteration is awaited: the driver sleeps until the iteration's
-end on the wall clock, then delivers the tokens it produced to the HTTP handlers waiting on
-them. With nothing to do it sleeps until a request arrives and books the gap as idle energy.
+step (`agent.twin.step`), except that each iteration is awaited: the driver sleeps until the
+iteration's end on the wall clock, then delivers the tokens it produced to the HTTP handlers
+waiting on them. With nothing to do it sleeps until a request arrives and books the gap as idle energy.
 
 Twin time starts at 0 and runs `time_scale` times faster than the wall clock; iteration
 durations, energy, token timestamps and every statistic are in twin time. The driver keeps its
@@ -30,7 +30,8 @@ from agent.twin.engine import Batch, Engine, FinishedRequest, IterationOutcome, 
 from agent.twin.gpu import TwinGpu
 from agent.twin.iteration_stats import IterationStats
 from agent.twin.server.meter import GpuMeter
-from agent.twin.simulator import Jitter, TwinSetup, engine_stats, iteration_stats, run_on_gpu
+from agent.twin.setup import TwinSetup
+from agent.twin.step import Jitter, engine_stats, iteration_stats, run_on_gpu
 
 log = logging.getLogger(__name__)
 

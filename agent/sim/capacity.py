@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from agent.control.policies import MaxPolicy
 from agent.domain import Request
-from agent.twin.simulator import TwinSetup, simulate
+from agent.sim.loop import simulate
+from agent.twin.setup import TwinSetup
 
 PEAK_SAMPLE = 1500  # requests in the saturated run: enough to average over the length mix
 

@@ -1,0 +1,53 @@
+"""Policies for a twin setup: the engine limits it implies, and a build context with the twin's exact model.
+
+Every policy is built by `agent.policy_registry`, as the live sidecar builds it; what the twin
+adds is what a live engine cannot give: its limits before it runs, and the exact latency model
+the oracle decides with (`agent.sim.oracle_model`), beside the true output lengths.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.control.admission import EngineLimits
+from agent.control.frequency import IterationTimeModel
+from agent.control.slo import SloTargets
+from agent.policy_registry import PolicyContext, ServedEngine
+from agent.sim.oracle_model import TwinTimeModel
+from agent.twin.setup import TwinSetup
+
+
+def setup_limits(setup: TwinSetup) -> EngineLimits:
+    """What the twin's engine can hold (raises ModelDoesNotFitError when nothing fits)."""
+    engine = setup.engine
+    return EngineLimits(
+        setup.kv_blocks(), engine.tokens_per_block, engine.max_batch_size, engine.max_num_tokens
+    )
+
+
+def policy_context(
+    setup: TwinSetup, targets: SloTargets, models_dir: Path, seed: int = 0, ips_optimism_pct: float = 0.0
+) -> PolicyContext:
+    """What any policy is built from on `setup`, the oracle's exact time model included.
+
+    `ips_optimism_pct` > 0 makes throttllem's IPS model that much too optimistic (the guard
+    experiment); the policy's label says so.
+    """
+
+    def exact_time_model(clocks_mhz: tuple[int, ...], limits: EngineLimits) -> IterationTimeModel:
+        return TwinTimeModel(
+            setup.latency_model(),
+            clocks_mhz,
+            limits.max_batch_size,
+            limits.kv_blocks,
+            tokens_per_block=limits.tokens_per_block,
+        )
+
+    return PolicyContext(
+        engine=ServedEngine(setup.gpu, setup.model.name, setup.tp, models_dir),
+        targets=targets,
+        limits=setup_limits(setup),
+        seed=seed,
+        ips_optimism_pct=ips_optimism_pct,
+        exact_time_model=exact_time_model,
+    )

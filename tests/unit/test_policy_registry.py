@@ -1,0 +1,117 @@
+"""One policy registry for the sidecar and the simulator: one parser, clear errors, honest entries."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.catalog import gpu_spec, model_spec
+from agent.control.slo import SloTargets
+from agent.policy_registry import (
+    POLICIES,
+    PolicyContext,
+    PolicySpec,
+    ServedEngine,
+    build_policy,
+    check_live_policy,
+    needs_limits,
+    policy_syntax,
+)
+from agent.sim.policies import policy_context
+from agent.twin.setup import TwinSetup
+
+SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
+TARGETS = SloTargets(tpot_s=0.1, ttft_s=2.0)
+MODELS = Path("models")
+ENGINE = ServedEngine(SETUP.gpu, SETUP.model.name, SETUP.tp, MODELS)
+SIM = policy_context(SETUP, TARGETS, MODELS)
+LIVE = PolicyContext(ENGINE, TARGETS, limits=SIM.limits)  # as the sidecar builds: no exact time model
+EXAMPLES = {
+    "max": "max",
+    "static": "static:1050",
+    "reactive": "reactive",
+    "throttllem": "throttllem",
+    "oracle": "oracle",
+}
+
+
+def test_policy_specs():
+    assert build_policy("max", SIM).policy.name == "max"
+    assert build_policy("static:1050", SIM).policy.name == "static:1050"
+    with pytest.raises(ValueError, match="not a supported clock"):
+        build_policy("static:1051", SIM)
+    with pytest.raises(ValueError, match="known: max"):
+        build_policy("fastest", SIM)
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("max", PolicySpec("max")),
+        ("max:", PolicySpec("max")),
+        ("static:1050", PolicySpec("static", "1050")),
+        ("throttllem:learned:conv", PolicySpec("throttllem", "learned:conv")),
+    ],
+)
+def test_a_spec_is_split_once_at_its_first_colon(text, spec):
+    assert PolicySpec.parse(text) == spec
+    assert str(spec) == text.removesuffix(":")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fastest", f"unknown policy 'fastest'; known: {policy_syntax()}"),
+        ("max:1050", "policy 'max:1050': max takes no argument; known: max | static:<MHz>"),
+        ("reactive:fast", "reactive takes no argument"),
+        ("oracle:exact", "oracle takes no argument"),
+        ("static", "policy 'static' lacks its argument: write static:<MHz>"),
+        ("static:fast", "policy 'static:fast': static needs a clock in MHz, e.g. static:1050"),
+    ],
+)
+def test_a_bad_spec_says_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_policy(text, SIM)
+
+
+def test_the_help_lists_every_policy_and_says_which_run_live():
+    assert policy_syntax() == "max | static:<MHz> | reactive | throttllem[:<length predictor>] | oracle"
+    assert policy_syntax(live=True) == (
+        "max | static:<MHz> | reactive | throttllem[:<length predictor>] (oracle: simulate and replay only)"
+    )
+
+
+def test_every_entry_says_truly_whether_its_policy_gates_admission():
+    assert set(EXAMPLES) == set(POLICIES)
+    for name, text in EXAMPLES.items():
+        built = build_policy(text, SIM)
+        assert built.policy.gates_admission is POLICIES[name].gates_admission is (built.lengths is not None)
+
+
+def test_the_sidecar_refuses_the_oracle_by_its_entry_without_the_twin():
+    with pytest.raises(
+        ValueError, match="policy 'oracle' needs true output lengths: it runs only in simulate"
+    ):
+        check_live_policy("oracle", ENGINE)
+    with pytest.raises(
+        ValueError, match="policy 'oracle' needs true output lengths: it runs only in simulate"
+    ):
+        build_policy("oracle", LIVE)
+
+
+def test_live_checks_load_nothing_and_name_what_is_missing(tmp_path):
+    assert check_live_policy("throttllem:learned:conv", ENGINE) == PolicySpec("throttllem", "learned:conv")
+    with pytest.raises(ValueError, match="live requests have no true output length"):
+        check_live_policy("throttllem:noisy:30", ENGINE)
+    with pytest.raises(ValueError, match="needs the IPS model of a100-sxm4-80gb / llama3-8b tp1"):
+        check_live_policy("throttllem", ServedEngine(SETUP.gpu, SETUP.model.name, SETUP.tp, tmp_path))
+    with pytest.raises(ValueError, match="not a supported clock"):
+        check_live_policy("static:1051", ENGINE)
+
+
+def test_only_a_policy_built_from_the_engine_limits_waits_for_them():
+    assert needs_limits("throttllem") and needs_limits("throttllem:max_tokens") and needs_limits("oracle")
+    assert not any(needs_limits(text) for text in ("max", "static:1050", "reactive"))
+    assert not needs_limits("scripted")  # not registered: a builder a test injects builds it
+    with pytest.raises(ValueError, match="needs the engine's limits"):
+        build_policy("throttllem", PolicyContext(ENGINE, TARGETS))
