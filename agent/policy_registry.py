@@ -94,10 +94,15 @@ class PolicyContext:
     seed: int = 0  # seeds the length predictors that draw (noisy)
     ips_optimism_pct: float = 0.0  # throttllem's IPS model this much too optimistic (guard experiment)
     exact_time_model: ExactTimeModel | None = None  # the twin's: only agent.sim supplies one
+    min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ  # no policy locks below this (e.g. the sourced range)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.ips_optimism_pct) and self.ips_optimism_pct >= 0):
             raise ValueError(f"IPS optimism must be a percentage >= 0, got {self.ips_optimism_pct}")
+
+    def clocks_mhz(self) -> tuple[int, ...]:
+        """The clocks a policy may choose here: profiled, and not below `min_clock_mhz`."""
+        return tuple(c for c in profiled_clocks(self.engine.gpu) if c >= self.min_clock_mhz)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,10 +178,12 @@ def profiled_clocks(gpu: GpuSpec) -> tuple[int, ...]:
     return tuple(c for c in gpu.sm_clocks_mhz if c >= DEFAULT_MIN_CLOCK_MHZ)
 
 
-def learned_time_model(engine: ServedEngine, limits: EngineLimits) -> LearnedTimeModel:
+def learned_time_model(
+    engine: ServedEngine, limits: EngineLimits, min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ
+) -> LearnedTimeModel:
     """The shipped IPS model of this engine, tabulated for its limits on the clocks it was trained on."""
     ips = IpsModel(ips_model_dir(engine.models_dir, engine.gpu.name, engine.model, engine.tp))
-    trained_from = ips.card["features"]["clock_mhz"]["min"]
+    trained_from = max(ips.card["features"]["clock_mhz"]["min"], min_clock_mhz)
     clocks = tuple(c for c in profiled_clocks(engine.gpu) if c >= trained_from)
     probes = (min(PROBE_SMALL_TOKENS, limits.max_num_tokens), limits.max_num_tokens)
     return LearnedTimeModel.build(
@@ -213,11 +220,16 @@ def _check_static(spec: PolicySpec, engine: ServedEngine) -> None:
 
 
 def _build_static(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
-    return BuiltPolicy(StaticPolicy(_static_clock(spec, context.engine.gpu)), None)
+    clock = _static_clock(spec, context.engine.gpu)
+    if clock < context.min_clock_mhz:
+        raise ValueError(
+            f"policy {str(spec)!r}: {clock} MHz is below this run's lowest clock, {context.min_clock_mhz}"
+        )
+    return BuiltPolicy(StaticPolicy(clock), None)
 
 
 def _build_reactive(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
-    return BuiltPolicy(ReactivePolicy(context.targets, profiled_clocks(context.engine.gpu)), None)
+    return BuiltPolicy(ReactivePolicy(context.targets, context.clocks_mhz()), None)
 
 
 def _check_throttllem(spec: PolicySpec, engine: ServedEngine) -> None:
@@ -238,7 +250,7 @@ def _check_throttllem(spec: PolicySpec, engine: ServedEngine) -> None:
 
 def _build_throttllem(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
     engine = context.engine
-    time_model: IterationTimeModel = learned_time_model(engine, _limits(spec, context))
+    time_model: IterationTimeModel = learned_time_model(engine, _limits(spec, context), context.min_clock_mhz)
     lengths = parse_length_predictor(spec.arg or "learned", engine.models_dir, seed=context.seed)
     label = str(spec)
     if context.ips_optimism_pct:
@@ -256,7 +268,7 @@ def _build_oracle(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
     if context.exact_time_model is None:
         raise ValueError(f"policy {str(spec)!r} {ORACLE_LIVE_REFUSAL}")
     gpu = context.engine.gpu
-    model = context.exact_time_model(profiled_clocks(gpu), _limits(spec, context))
+    model = context.exact_time_model(context.clocks_mhz(), _limits(spec, context))
     policy = ThrottllemPolicy(model, context.targets, gpu.max_clock_mhz, name="oracle", correct=False)
     return BuiltPolicy(policy, OraclePredictor())
 

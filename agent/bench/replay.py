@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from agent.bench.report import RunRecord
+from agent.catalog import DEFAULT_MIN_CLOCK_MHZ
 from agent.control.policies import MaxPolicy
 from agent.control.slo import SloTargets
 from agent.domain import Request, Slo
@@ -114,6 +115,7 @@ class ReplayConfig:
     models_dir: Path
     seed: int
     ips_optimism_pct: float = 0.0  # throttllem's IPS model this much too optimistic (guard experiment)
+    min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ  # no policy locks below this clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +309,9 @@ def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
             p99 = saturated_p99_e2e_s(setup, workload, capacity, cap, progress)
     slo = replay_slo(preset, p99)
 
-    context = policy_context(setup, slo.targets, config.models_dir, config.seed, config.ips_optimism_pct)
+    context = policy_context(
+        setup, slo.targets, config.models_dir, config.seed, config.ips_optimism_pct, config.min_clock_mhz
+    )
 
     def build(run: PlannedRun) -> BuiltPolicy:
         return build_policy(run.spec, context)

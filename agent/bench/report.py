@@ -52,7 +52,7 @@ class RunRecord:
     summary: dict[str, Any]  # SimulationResult.summary() plus "slo_attainment" (0..1)
     time_s: np.ndarray  # per iteration: end time
     clock_mhz: np.ndarray  # per iteration: SM clock
-    power_w: np.ndarray  # per iteration: GPU power
+    power_w: np.ndarray  # per iteration: power of all the engine's GPUs
     tbt_s: np.ndarray  # token gaps
     tbt_weight: np.ndarray  # how many tokens had each gap
     tbt_target_s: float  # the TPOT/TBT target drawn on the CDF
@@ -313,7 +313,7 @@ def _clock_power_figure(group: _Group) -> Figure:
         ax_power.plot(run.time_s[idx], run.power_w[idx], label=run.name, linewidth=0.6)
         drawn = True
     ax_clock.set_ylabel("SM clock (MHz)")
-    ax_power.set_ylabel("GPU power (W)")
+    ax_power.set_ylabel("engine power, all GPUs (W)")
     ax_power.set_xlabel("time (s)")
     ax_clock.set_title(f"Clock and power — {_heading(group)}")
     if drawn:

@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.catalog import GPUS, MODELS, gpu_spec, model_spec
+from agent.catalog import DEFAULT_MIN_CLOCK_MHZ, GPUS, MODELS, gpu_spec, model_spec
 from agent.config import load_settings
+from agent.domain import GpuSpec
 from agent.sim.capacity import rate_scale_for_load
 from agent.twin.memory import EngineConfig, SchedulerPolicy
 from agent.twin.setup import TwinSetup
@@ -52,6 +53,25 @@ def progress_bar(label: str, enabled: bool) -> Iterator[Callable[[float], None]]
     ) as bar:
         task = bar.add_task(label, total=1.0)
         yield lambda fraction: bar.update(task, completed=fraction)
+
+
+CLOCK_RANGES = ("full", "sourced")
+
+
+def add_clock_range_arg(parser: argparse.ArgumentParser) -> None:
+    """`--clock-range`: every profiled clock, or only those public measurements cover."""
+    parser.add_argument(
+        "--clock-range",
+        choices=CLOCK_RANGES,
+        default="full",
+        help="full: every clock the IPS models are profiled on (>= 600 MHz); sourced: only clocks "
+        "at which the twin rests on A100/H100 measurements (>= 855 MHz on A100, >= 1200 on H100)",
+    )
+
+
+def min_clock_mhz(args: argparse.Namespace, gpu: GpuSpec) -> int:
+    """The lowest clock a policy may lock under `--clock-range`."""
+    return gpu.calibrated_clock_floor_mhz if args.clock_range == "sourced" else DEFAULT_MIN_CLOCK_MHZ
 
 
 def add_setup_args(parser: argparse.ArgumentParser) -> None:

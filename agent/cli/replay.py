@@ -10,7 +10,9 @@ from typing import Any
 
 from agent.cli.common import (
     CliError,
+    add_clock_range_arg,
     add_setup_args,
+    min_clock_mhz,
     print_json,
     print_table,
     progress_bar,
@@ -120,11 +122,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         models_dir=args.models_dir,
         seed=args.seed,
         ips_optimism_pct=args.ips_optimism,
+        min_clock_mhz=min_clock_mhz(args, setup.gpu),
     )
     outcome = replay(config, lambda label: progress_bar(label, not args.json))
     meta = {
         "arguments": _arguments(args),
         "requests": len(config.workload),
+        "energy_counts_gpus": config.setup.tp,
+        "min_clock_mhz": config.min_clock_mhz,
         **outcome.meta(),
         "versions": versions(),
         "wall_seconds": time.perf_counter() - started,
@@ -188,6 +193,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         help="client max_tokens of every request, whatever the policy (default %(default)s)",
     )
     rep.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    add_clock_range_arg(rep)
     rep.add_argument("--out", type=Path, required=True, help="directory for results.json, report.md, PNGs")
     rep.add_argument("--json", action="store_true", help="print results.json")
     rep.set_defaults(func=cmd_replay)

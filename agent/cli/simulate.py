@@ -8,8 +8,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from agent.cli.common import (
+    add_clock_range_arg,
     add_setup_args,
     add_workload_args,
+    min_clock_mhz,
     print_figures,
     print_json,
     progress_bar,
@@ -33,7 +35,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     preset = load_slo_preset(args.slo, setup.model.name)
     targets = control_targets(preset)
-    built = build_policy(args.policy, policy_context(setup, targets, args.models_dir, seed=args.seed))
+    context = policy_context(
+        setup, targets, args.models_dir, seed=args.seed, min_clock_mhz=min_clock_mhz(args, setup.gpu)
+    )
+    built = build_policy(args.policy, context)
     policy = built.policy
     # A predictive policy must not learn true lengths from max_tokens: give clients a real cap.
     cap = args.max_tokens if args.max_tokens is not None or built.lengths is None else PREDICTIVE_MAX_TOKENS
@@ -50,7 +55,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         progress = stack.enter_context(progress_bar(f"simulate {policy.name}", not args.json))
         result = simulate(setup, policy, requests, progress, observer, length_predictor=built.lengths)
     summary = result.summary()
-    summary.update(gpu=setup.gpu.name, model=setup.model.name, tp=setup.tp, trace=args.trace, slo=preset.name)
+    summary.update(
+        gpu=setup.gpu.name,
+        model=setup.model.name,
+        tp=setup.tp,
+        trace=args.trace,
+        slo=preset.name,
+        clock_range=args.clock_range,
+        min_clock_mhz=context.min_clock_mhz,
+    )
     summary["slo_attainment"] = result.slo_attainment(preset) if preset.slo is not None else None
     if args.json:
         print_json(summary)
@@ -71,6 +84,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         help="SLO preset in policies/ (mlperf-server, mlperf-interactive, paper) or a TOML path",
     )
     sim.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    add_clock_range_arg(sim)
     sim.add_argument(
         "--iteration-stats", metavar="FILE", help="write one TRT-LLM iteration-stats record per line"
     )

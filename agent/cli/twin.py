@@ -107,11 +107,13 @@ def cmd_twin_probe(args: argparse.Namespace) -> int:
         "gpu": setup.gpu.name,
         "model": setup.model.name,
         "tp": setup.tp,
+        "gpus": setup.tp,
         "phase": args.phase,
         "clock_mhz": clock,
         "iteration_ms": cost.time_s * 1000.0,
-        "power_w": power,
-        "energy_j": power * cost.time_s,
+        "power_per_gpu_w": power,
+        "power_w": power * setup.tp,
+        "energy_j": power * setup.tp * cost.time_s,
         "compute_share": cost.compute_share,
     }
     if args.json:

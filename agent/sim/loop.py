@@ -18,7 +18,7 @@ from agent.domain import EngineStats, Request
 from agent.predict.lengths import LengthPredictor, MaxTokensPredictor
 from agent.sim.results import SimulationResult
 from agent.twin.engine import Engine, IterationOutcome, RequestRejectedError
-from agent.twin.gpu import TwinGpu
+from agent.twin.gpu import EngineGpus
 from agent.twin.iteration_stats import IterationStats
 from agent.twin.setup import TwinSetup, fit_to_engine
 from agent.twin.step import Jitter, engine_stats, iteration_stats, run_on_gpu
@@ -44,7 +44,7 @@ class Simulation:
         self.epoch_s = epoch_s
         self.policy = policy
         self.requests, self.truncated = fit_to_engine(sorted(requests, key=lambda r: r.arrival_s), setup)
-        self.gpu = TwinGpu(setup.gpu, setup.clock_change_delay_s)
+        self.gpu = EngineGpus(setup.gpu, setup.tp, setup.clock_change_delay_s)
         self.engine = Engine(setup.engine, setup.kv_blocks(), setup.max_seq_len)
         self.latency = setup.latency_model()
         self._jitter = Jitter(setup.noise, setup.seed)
@@ -117,7 +117,10 @@ class Simulation:
         """Replay every request to completion and return what happened."""
         wall_start = time.perf_counter()
         result = SimulationResult(
-            policy=self.policy.name, requests=len(self.requests), truncated=self.truncated
+            policy=self.policy.name,
+            requests=len(self.requests),
+            gpus=self.gpu.count,
+            truncated=self.truncated,
         )
         arrivals = [r.arrival_s for r in self.requests]
         horizon = arrivals[-1] if arrivals else 0.0

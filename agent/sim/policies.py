@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.catalog import DEFAULT_MIN_CLOCK_MHZ
 from agent.control.admission import EngineLimits
 from agent.control.frequency import IterationTimeModel
 from agent.control.slo import SloTargets
@@ -26,12 +27,17 @@ def setup_limits(setup: TwinSetup) -> EngineLimits:
 
 
 def policy_context(
-    setup: TwinSetup, targets: SloTargets, models_dir: Path, seed: int = 0, ips_optimism_pct: float = 0.0
+    setup: TwinSetup,
+    targets: SloTargets,
+    models_dir: Path,
+    seed: int = 0,
+    ips_optimism_pct: float = 0.0,
+    min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ,
 ) -> PolicyContext:
     """What any policy is built from on `setup`, the oracle's exact time model included.
 
     `ips_optimism_pct` > 0 makes throttllem's IPS model that much too optimistic (the guard
-    experiment); the policy's label says so.
+    experiment); the policy's label says so. No policy locks below `min_clock_mhz`.
     """
 
     def exact_time_model(clocks_mhz: tuple[int, ...], limits: EngineLimits) -> IterationTimeModel:
@@ -50,4 +56,5 @@ def policy_context(
         seed=seed,
         ips_optimism_pct=ips_optimism_pct,
         exact_time_model=exact_time_model,
+        min_clock_mhz=min_clock_mhz,
     )

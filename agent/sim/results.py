@@ -39,6 +39,7 @@ class SimulationResult:
 
     policy: str
     requests: int
+    gpus: int = 1  # GPUs the energy counts: every GPU of the engine (its TP degree)
     truncated: int = 0
     rejected: int = 0
     iteration_end_s: list[float] = field(default_factory=list)
@@ -125,6 +126,7 @@ class SimulationResult:
         return {
             "policy": self.policy,
             "requests": self.requests,
+            "gpus": self.gpus,
             "completed": self.completed,
             "rejected": self.rejected,
             "truncated": self.truncated,
@@ -132,6 +134,9 @@ class SimulationResult:
             "tokens_out": self.tokens_out,
             "tokens_per_joule": self.tokens_out / self.energy_j if self.energy_j else None,
             "mean_power_w": self.energy_j / self.sim_seconds if self.sim_seconds else None,
+            "mean_power_per_gpu_w": self.energy_j / self.sim_seconds / self.gpus
+            if self.sim_seconds
+            else None,
             "ttft_p50_s": _percentile(self.ttft_s, 50),
             "ttft_p99_s": _percentile(self.ttft_s, 99),
             "tbt_p50_ms": _ms(tbt50),

@@ -1,4 +1,8 @@
-"""The emulated GPU: SM clock state as NVML exposes it, and an energy counter.
+"""The emulated GPUs of one engine: SM clock state as NVML exposes it, and energy counters.
+
+An engine of TP N is N GPUs. Tensor parallelism splits every layer evenly, so each GPU runs the
+same kernels for the same time and draws the power the model gives for one board; the engine's
+energy is the sum over its GPUs. One lock sets every GPU to the same clock, as one sidecar does.
 
 Clock semantics follow NVML: `lock_sm_clock_mhz(f)` is `nvmlDeviceSetGpuLockedClocks(f, f)`
 and `reset_sm_clock()` is `nvmlDeviceResetGpuLockedClocks`. A change takes effect after
@@ -30,19 +34,24 @@ class _PendingChange:
     locked_mhz: int | None
 
 
-class TwinGpu:
-    """SM clock control, power and cumulative energy of one emulated GPU."""
+class EngineGpus:
+    """SM clock control, power and cumulative energy of the `count` GPUs of one engine."""
 
-    def __init__(self, spec: GpuSpec, clock_change_delay_s: float = DEFAULT_CLOCK_CHANGE_DELAY_S) -> None:
+    def __init__(
+        self, spec: GpuSpec, count: int = 1, clock_change_delay_s: float = DEFAULT_CLOCK_CHANGE_DELAY_S
+    ) -> None:
         if clock_change_delay_s < 0:
             raise ValueError("clock_change_delay_s must be >= 0")
+        if count < 1:
+            raise ValueError("an engine has at least one GPU")
         self.spec = spec
-        self.power = PowerModel(spec)
+        self.count = count  # GPUs, one per TP rank
+        self.power = PowerModel(spec)  # one board
         self.clock_change_delay_s = clock_change_delay_s
         self._supported = frozenset(spec.sm_clocks_mhz)
         self._locked_mhz: int | None = None
         self._pending: _PendingChange | None = None
-        self.energy_j = 0.0
+        self.energy_j = 0.0  # all GPUs together
         self.clock_changes = 0  # locks/resets that changed the effective state
 
     def supported_clocks_mhz(self) -> tuple[int, ...]:
@@ -86,9 +95,18 @@ class TwinGpu:
         locked = self.locked_clock_mhz(now_s)
         return self.spec.max_clock_mhz if locked is None else locked
 
+    @property
+    def energy_per_gpu_j(self) -> float:
+        """What one GPU's energy counter reads (every GPU reads the same)."""
+        return self.energy_j / self.count
+
+    def idle_w(self, now_s: float) -> float:
+        """The engine's power with no work, at the lock in force at `now_s` (all GPUs, W)."""
+        return self.count * self.power.idle_w(self.locked_clock_mhz(now_s))
+
     def run_busy(self, clock_mhz: int, duration_s: float, cost: IterationCost) -> float:
-        """Account an iteration of `duration_s` at `clock_mhz`; returns its mean power (W)."""
-        power_w = self.power.busy_w(clock_mhz, cost)
+        """Account an iteration of `duration_s` at `clock_mhz`; returns the engine's mean power (W)."""
+        power_w = self.count * self.power.busy_w(clock_mhz, cost)
         self.energy_j += power_w * duration_s
         return power_w
 
@@ -100,6 +118,6 @@ class TwinGpu:
         if pending is not None and start_s < pending.effective_s < end_s:
             self.run_idle(start_s, pending.effective_s)
             start_s = pending.effective_s
-        power_w = self.power.idle_w(self.locked_clock_mhz(start_s))
+        power_w = self.idle_w(start_s)
         self.energy_j += power_w * (end_s - start_s)
         return power_w

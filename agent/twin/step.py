@@ -14,7 +14,7 @@ import numpy as np
 
 from agent.domain import EngineStats
 from agent.twin.engine import Batch, Engine, IterationOutcome
-from agent.twin.gpu import TwinGpu
+from agent.twin.gpu import EngineGpus
 from agent.twin.iteration_stats import InflightBatchingStats, IterationStats, KvCacheStats
 from agent.twin.latency import IterationCost, LatencyModel
 from agent.twin.memory import RUNTIME_RESERVED_BYTES, activation_bytes
@@ -58,7 +58,7 @@ class GpuIteration:
 
 
 def run_on_gpu(
-    gpu: TwinGpu, latency: LatencyModel, batch: Batch, start_s: float, jitter: Jitter
+    gpu: EngineGpus, latency: LatencyModel, batch: Batch, start_s: float, jitter: Jitter
 ) -> GpuIteration:
     """Cost `batch` at the clock in force at `start_s` and account its energy on `gpu`.
 

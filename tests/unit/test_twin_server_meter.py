@@ -3,7 +3,7 @@
 import pytest
 
 from agent.catalog import gpu_spec
-from agent.twin.gpu import TwinGpu
+from agent.twin.gpu import EngineGpus
 from agent.twin.latency import IterationCost
 from agent.twin.server.meter import GpuMeter
 
@@ -19,7 +19,7 @@ def busy(meter: GpuMeter, start: float, duration: float) -> float:
 
 
 def test_energy_rises_through_an_iteration_and_through_idle_time():
-    meter = GpuMeter(TwinGpu(SPEC))
+    meter = GpuMeter(EngineGpus(SPEC))
     idle_w = SPEC.idle_w
     assert meter.energy_j(1.0) == pytest.approx(idle_w * 1.0)
     power = busy(meter, 1.0, 0.5)
@@ -32,7 +32,7 @@ def test_energy_rises_through_an_iteration_and_through_idle_time():
 
 
 def test_a_late_driver_does_not_book_energy_twice():
-    meter = GpuMeter(TwinGpu(SPEC))
+    meter = GpuMeter(EngineGpus(SPEC))
     power = busy(meter, 0.0, 0.1)
     # The clock is past the iteration's end but the driver has not started the next one yet.
     assert meter.energy_j(0.3) == pytest.approx(power * 0.1)
@@ -41,7 +41,7 @@ def test_a_late_driver_does_not_book_energy_twice():
 
 
 def test_power_and_utilization_are_time_weighted_means_over_the_window():
-    meter = GpuMeter(TwinGpu(SPEC))
+    meter = GpuMeter(EngineGpus(SPEC))
     power = busy(meter, 0.0, 0.4)
     meter.go_idle()
     # Window [0.2, 0.6]: half busy, half idle.
@@ -52,7 +52,7 @@ def test_power_and_utilization_are_time_weighted_means_over_the_window():
 
 
 def test_idle_power_follows_a_lock_booked_up_to_the_change():
-    gpu = TwinGpu(SPEC, clock_change_delay_s=0.0)
+    gpu = EngineGpus(SPEC, clock_change_delay_s=0.0)
     meter = GpuMeter(gpu)
     meter.settle(1.0)
     gpu.lock_sm_clock_mhz(SPEC.max_clock_mhz, 1.0)
@@ -63,6 +63,6 @@ def test_idle_power_follows_a_lock_booked_up_to_the_change():
 
 
 def test_a_fresh_meter_reports_idle_power_and_no_utilization():
-    meter = GpuMeter(TwinGpu(SPEC))
+    meter = GpuMeter(EngineGpus(SPEC))
     assert meter.power_w(0.0, 0.1) == SPEC.idle_w
     assert meter.utilization(0.0, 0.1) == 0.0

@@ -78,7 +78,7 @@ class TwinServer:
         if stats_queue is not None:
             observers.append(stats_queue)
         self.runtime = RealtimeTwin(setup, TwinClock(config.time_scale), observers)
-        self.gpu = GpuControl(self.runtime, uuids[0])
+        self.gpu = GpuControl(self.runtime, uuids)
         self._runners = [
             web.AppRunner(
                 triton_app(self.runtime, config.model_name, self.gpu, stats_queue),

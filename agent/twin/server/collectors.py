@@ -45,7 +45,7 @@ def engine_memory_bytes(setup: TwinSetup) -> int:
 
 
 class DcgmSampler:
-    """One GPU read the way Triton's DCGM poll reads it."""
+    """One GPU of the engine read the way Triton's DCGM poll reads it (every GPU reads the same)."""
 
     def __init__(self, runtime: RealtimeTwin) -> None:
         self.runtime = runtime
@@ -58,7 +58,8 @@ class DcgmSampler:
         """Sample now."""
         runtime = self.runtime
         now = runtime.now_s()
-        energy_mj = math.floor(runtime.meter.energy_j(now) * 1000.0)
+        gpus = runtime.gpu.count
+        energy_mj = math.floor(runtime.meter.energy_j(now) / gpus * 1000.0)
         last = energy_mj if self._last_energy_mj is None else self._last_energy_mj
         self._last_energy_mj = energy_mj
         percent = round(runtime.meter.utilization(now, DCGM_WINDOW_S) * 100.0)
@@ -66,7 +67,7 @@ class DcgmSampler:
             utilization=percent * 0.01,
             memory_total_bytes=self._memory_total,
             memory_used_bytes=self._memory_used,
-            power_w=round(runtime.meter.power_w(now, DCGM_WINDOW_S) * 1000.0) / 1000.0,
+            power_w=round(runtime.meter.power_w(now, DCGM_WINDOW_S) / gpus * 1000.0) / 1000.0,
             power_limit_w=runtime.setup.gpu.tdp_w,
             energy_delta_j=(energy_mj - last) * 0.001,
         )

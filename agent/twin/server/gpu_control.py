@@ -10,7 +10,9 @@ State: `name`, `uuid`, `supported_clocks_mhz` (highest first), `max_clock_mhz`, 
 clock in effect now: a lock takes effect after the twin's clock-change delay; unlocked, the GPU
 boosts to max when busy and idles at its lowest clock), `locked_clock_mhz` (the lock last
 requested, null when unlocked), `power_w` (mean over the last 100 ms of twin time), `energy_j`
-(since the server started) and `clock_changes` (changes that took effect).
+(since the server started) and `clock_changes` (changes that took effect). Power and energy are
+the engine's: all `gpu_count` GPUs (`gpu_uuids`) of its TP group, which share the one clock;
+`uuid` is the first of them.
 
 Like `nvmlDeviceSetGpuLockedClocks(min, max)` on a busy GPU, a range lock runs at its top: the
 twin locks at `max_mhz`. Both ends must be supported clocks, with min <= max.
@@ -41,9 +43,10 @@ def gpu_uuids(setup: TwinSetup) -> list[str]:
 class GpuControl:
     """Lock, unlock and read the twin GPU (all TP ranks share one clock)."""
 
-    def __init__(self, runtime: RealtimeTwin, gpu_uuid: str) -> None:
+    def __init__(self, runtime: RealtimeTwin, uuids: list[str]) -> None:
         self.runtime = runtime
-        self.uuid = gpu_uuid
+        self.uuids = uuids
+        self.uuid = uuids[0]
         self.requested_mhz: int | None = None
 
     def lock(self, min_mhz: int, max_mhz: int) -> None:
@@ -82,6 +85,8 @@ class GpuControl:
         return {
             "name": gpu.spec.product_name,
             "uuid": self.uuid,
+            "gpu_uuids": self.uuids,
+            "gpu_count": gpu.count,
             "supported_clocks_mhz": list(gpu.supported_clocks_mhz()),
             "max_clock_mhz": gpu.spec.max_clock_mhz,
             "clock_mhz": clock,

@@ -1,6 +1,8 @@
-"""Energy, power and utilisation of the twin GPU at any instant, as NVML and DCGM would read them.
+"""Energy, power and utilisation of the twin's GPUs at any instant, as NVML and DCGM would read them.
 
-`TwinGpu` books an iteration's whole energy when the iteration starts and an idle gap when it
+Energy and power are the engine's (all its GPUs); a reader of one GPU divides by their count.
+
+`EngineGpus` books an iteration's whole energy when the iteration starts and an idle gap when it
 ends, which is all a virtual-time replay needs. A live server is read at arbitrary moments, so
 this meter keeps a short history of constant-power segments and answers for any instant:
 
@@ -17,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.twin.gpu import TwinGpu
+from agent.twin.gpu import EngineGpus
 
 HISTORY_S = 2.0  # segments kept: enough for the longest averaging window asked for
 
@@ -31,9 +33,9 @@ class _Segment:
 
 
 class GpuMeter:
-    """Reads `gpu`'s energy counter, mean power and utilisation at any time the driver has reached."""
+    """Reads the engine's energy, mean power and utilisation at any time the driver has reached."""
 
-    def __init__(self, gpu: TwinGpu, start_s: float = 0.0) -> None:
+    def __init__(self, gpu: EngineGpus, start_s: float = 0.0) -> None:
         self.gpu = gpu
         self._segments: deque[_Segment] = deque()
         self._booked_until_s = start_s  # gpu.energy_j covers everything up to here
@@ -50,7 +52,7 @@ class GpuMeter:
         return self._idle
 
     def busy(self, start_s: float, end_s: float, power_w: float, utilization: float) -> None:
-        """An iteration from start_s to end_s whose energy `TwinGpu.run_busy` has just booked."""
+        """An iteration from start_s to end_s whose energy `EngineGpus.run_busy` has just booked."""
         self.settle(start_s)
         self._idle = False
         self._append(_Segment(start_s, end_s, power_w, utilization))
@@ -80,7 +82,7 @@ class GpuMeter:
 
     def power_w(self, now_s: float, window_s: float) -> float:
         """Mean board power over the `window_s` before `now_s` (idle power before any history)."""
-        idle_w = self.gpu.power.idle_w(self.gpu.locked_clock_mhz(now_s))
+        idle_w = self.gpu.idle_w(now_s)
         return self._mean(now_s, window_s, lambda seg: seg.power_w, idle_w)
 
     def utilization(self, now_s: float, window_s: float) -> float:

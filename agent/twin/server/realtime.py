@@ -27,7 +27,7 @@ from typing import Protocol
 
 from agent.domain import Request
 from agent.twin.engine import Batch, Engine, FinishedRequest, IterationOutcome, RequestRejectedError
-from agent.twin.gpu import TwinGpu
+from agent.twin.gpu import EngineGpus
 from agent.twin.iteration_stats import IterationStats
 from agent.twin.server.meter import GpuMeter
 from agent.twin.setup import TwinSetup
@@ -131,7 +131,7 @@ class RealtimeTwin:
     def __init__(self, setup: TwinSetup, clock: TwinClock, observers: Sequence[TwinObserver] = ()) -> None:
         self.setup = setup
         self.clock = clock
-        self.gpu = TwinGpu(setup.gpu, setup.clock_change_delay_s)
+        self.gpu = EngineGpus(setup.gpu, setup.tp, setup.clock_change_delay_s)
         self.engine = Engine(setup.engine, setup.kv_blocks(), setup.max_seq_len)
         self.latency = setup.latency_model()
         self.meter = GpuMeter(self.gpu)
