@@ -76,6 +76,32 @@ def test_lists(capsys):
     assert {m["name"] for m in models} == {"llama2-7b", "llama3-8b", "llama2-13b", "llama2-70b", "llama3-70b"}
 
 
+def test_twin_validate_reports_each_group_against_its_limit(capsys):
+    groups = run_json(capsys, "twin", "validate", "--source", "trtllm-docs", "--json")
+    assert {g["source"] for g in groups} == {"trtllm-docs"}
+    assert {g["tp"] for g in groups} == {1, 4, 8}
+    for g in groups:
+        assert g["within_limit"] == (g["mape"] <= g["limit"]) and g["points"] > 0
+
+
+def test_sourced_clock_range_keeps_every_clock_at_or_above_the_calibrated_floor(capsys):
+    out = run_json(
+        capsys,
+        "simulate",
+        "--trace",
+        "azure-conv",
+        "--duration",
+        "30",
+        "--policy",
+        "reactive",
+        "--clock-range",
+        "sourced",
+        "--json",
+    )
+    assert out["min_clock_mhz"] == 855 and out["clock_range"] == "sourced"
+    assert out["mean_clock_mhz"] >= 855
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

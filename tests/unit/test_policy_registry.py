@@ -115,3 +115,13 @@ def test_only_a_policy_built_from_the_engine_limits_waits_for_them():
     assert not needs_limits("scripted")  # not registered: a builder a test injects builds it
     with pytest.raises(ValueError, match="needs the engine's limits"):
         build_policy("throttllem", PolicyContext(ENGINE, TARGETS))
+
+
+def test_a_clock_floor_holds_for_every_policy_that_chooses_clocks():
+    sourced = policy_context(SETUP, TARGETS, MODELS, min_clock_mhz=855)
+    assert min(sourced.clocks_mhz()) == 855 and min(SIM.clocks_mhz()) == 600
+    assert min(build_policy("reactive", sourced).policy._clocks) >= 855
+    for text in ("throttllem", "oracle"):
+        assert min(build_policy(text, sourced).policy.model.clocks_mhz) >= 855
+    with pytest.raises(ValueError, match="750 MHz is below this run's lowest clock, 855"):
+        build_policy("static:750", sourced)

@@ -1,5 +1,7 @@
 """The twin's iteration times against the published measurements of `agent.twin.validation`."""
 
+from dataclasses import replace
+
 import pytest
 
 from agent.twin import validation
@@ -60,29 +62,11 @@ def test_splitwise_rows_that_do_not_measure_one_batch_are_left_out():
 
 def test_a_static_batch_is_its_prefill_plus_every_decode_step():
     m = next(m for m in validation.alcf() if m.experiment.kind == "static_batch")
-    batch, prompt, output = m.experiment.batch, m.experiment.prompt_tokens, m.experiment.output_tokens
-    prefill = validation.replay(
-        validation.Measurement(
-            m.source,
-            m.gpu,
-            m.model,
-            m.tp,
-            m.runtime,
-            validation.Experiment("prefill", batch, prompt),
-            1.0,
-            "",
-        )
-    ).twin_ms
-    mean_step = validation.replay(
-        validation.Measurement(
-            m.source,
-            m.gpu,
-            m.model,
-            m.tp,
-            m.runtime,
-            validation.Experiment("decode_step", batch, prompt, output),
-            1.0,
-            "",
-        )
-    ).twin_ms
-    assert validation.replay(m).twin_ms == pytest.approx(prefill + (output - 1) * mean_step, rel=1e-9)
+    e = m.experiment
+
+    def timed(kind: str) -> float:
+        return validation.replay(replace(m, experiment=replace(e, kind=kind))).twin_ms
+
+    assert timed("static_batch") == pytest.approx(
+        timed("prefill") + (e.output_tokens - 1) * timed("decode_step")
+    )
