@@ -179,12 +179,12 @@ def profiled_clocks(gpu: GpuSpec) -> tuple[int, ...]:
 
 
 def learned_time_model(
-    engine: ServedEngine, limits: EngineLimits, min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ
+    engine: ServedEngine, limits: EngineLimits, clocks_mhz: tuple[int, ...]
 ) -> LearnedTimeModel:
-    """The shipped IPS model of this engine, tabulated for its limits on the clocks it was trained on."""
+    """The shipped IPS model of this engine, tabulated for its limits on those of `clocks_mhz` it knows."""
     ips = IpsModel(ips_model_dir(engine.models_dir, engine.gpu.name, engine.model, engine.tp))
-    trained_from = max(ips.card["features"]["clock_mhz"]["min"], min_clock_mhz)
-    clocks = tuple(c for c in profiled_clocks(engine.gpu) if c >= trained_from)
+    trained_from = ips.card["features"]["clock_mhz"]["min"]
+    clocks = tuple(c for c in clocks_mhz if c >= trained_from)
     probes = (min(PROBE_SMALL_TOKENS, limits.max_num_tokens), limits.max_num_tokens)
     return LearnedTimeModel.build(
         ips, engine.tp, clocks, limits.max_batch_size, limits.kv_blocks, prefill_tokens=probes
@@ -250,7 +250,7 @@ def _check_throttllem(spec: PolicySpec, engine: ServedEngine) -> None:
 
 def _build_throttllem(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
     engine = context.engine
-    time_model: IterationTimeModel = learned_time_model(engine, _limits(spec, context), context.min_clock_mhz)
+    time_model: IterationTimeModel = learned_time_model(engine, _limits(spec, context), context.clocks_mhz())
     lengths = parse_length_predictor(spec.arg or "learned", engine.models_dir, seed=context.seed)
     label = str(spec)
     if context.ips_optimism_pct:

@@ -95,11 +95,6 @@ class EngineGpus:
         locked = self.locked_clock_mhz(now_s)
         return self.spec.max_clock_mhz if locked is None else locked
 
-    @property
-    def energy_per_gpu_j(self) -> float:
-        """What one GPU's energy counter reads (every GPU reads the same)."""
-        return self.energy_j / self.count
-
     def idle_w(self, now_s: float) -> float:
         """The engine's power with no work, at the lock in force at `now_s` (all GPUs, W)."""
         return self.count * self.power.idle_w(self.locked_clock_mhz(now_s))

@@ -145,6 +145,17 @@ ALCF_MODELS = {
 }
 
 
+def _alcf_engine(row: dict[str, str]) -> tuple[str, str, int] | None:
+    """(GPU, model, TP) of a TensorRT-LLM row on a GPU and model the twin knows; None otherwise."""
+    if (
+        row["Framework"] != "TensorRT-LLM"
+        or row["Hardware"] not in ALCF_GPUS
+        or row["Model"] not in ALCF_MODELS
+    ):
+        return None
+    return ALCF_GPUS[row["Hardware"]], ALCF_MODELS[row["Model"]], int(row["Num of Hardware"])
+
+
 WAVES_RATIO = 1.7  # a bigger static batch this much slower than the last ran as several batches
 
 
@@ -157,11 +168,7 @@ def _alcf_batches() -> Iterator[tuple[dict[str, str], bool]]:
     """
     series: dict[tuple[str, str, str, str], list[dict[str, str]]] = defaultdict(list)
     for row in _rows(ALCF_FILE):
-        if (
-            row["Framework"] == "TensorRT-LLM"
-            and row["Hardware"] in ALCF_GPUS
-            and row["Model"] in ALCF_MODELS
-        ):
+        if _alcf_engine(row) is not None:
             key = (row["Hardware"], row["Num of Hardware"], row["Model"], row["Input Output Length"])
             series[key].append(row)
     for rows in series.values():
@@ -177,25 +184,21 @@ def _alcf_batches() -> Iterator[tuple[dict[str, str], bool]]:
 def alcf() -> Iterator[Measurement]:
     """LLM-Inference-Bench's TensorRT-LLM static batches and batch-16 time to first token."""
     for row, waves in _alcf_batches():
-        if waves:
+        engine = _alcf_engine(row)
+        if waves or engine is None:
             continue
-        gpu, model, tp = ALCF_GPUS[row["Hardware"]], ALCF_MODELS[row["Model"]], int(row["Num of Hardware"])
         length, batch = int(row["Input Output Length"]), int(row["Batch Size"])
-        origin = f"{row['Hardware']} x{tp} {row['Model']} {length}/{length} batch {batch}"
+        origin = f"{row['Hardware']} x{engine[2]} {row['Model']} {length}/{length} batch {batch}"
         experiment = Experiment("static_batch", batch, length, length)
-        yield Measurement("alcf", gpu, model, tp, TRTLLM, experiment, float(row["Latency"]) * 1000.0, origin)
+        yield Measurement("alcf", *engine, TRTLLM, experiment, float(row["Latency"]) * 1000.0, origin)
     for row in _rows(ALCF_TTFT_FILE):
-        if row["Framework"] != "TensorRT-LLM" or row["Hardware"] not in ALCF_GPUS:
+        engine = _alcf_engine(row)
+        if engine is None:
             continue
-        if row["Model"] not in ALCF_MODELS:
-            continue
-        gpu, model, tp = ALCF_GPUS[row["Hardware"]], ALCF_MODELS[row["Model"]], int(row["Num of Hardware"])
         batch, prompt = int(row["Batch Size"]), int(row["Input Length"])
-        origin = f"{row['Hardware']} x{tp} {row['Model']} TTFT, {batch} x {prompt} tokens"
+        origin = f"{row['Hardware']} x{engine[2]} {row['Model']} TTFT, {batch} x {prompt} tokens"
         experiment = Experiment("prefill", batch, prompt)
-        yield Measurement(
-            "alcf", gpu, model, tp, TRTLLM, experiment, float(row["TTFT Latency"]) * 1000.0, origin
-        )
+        yield Measurement("alcf", *engine, TRTLLM, experiment, float(row["TTFT Latency"]) * 1000.0, origin)
 
 
 TRTLLM_MODELS = {"LLaMA 7B": "llama2-7b", "LLaMA 70B": "llama2-70b"}
@@ -289,6 +292,11 @@ class GroupError:
     def limit(self) -> float:
         """The MAPE this group must stay under."""
         return MAX_DECODE_MAPE if self.phase is Phase.DECODE else MAX_PREFILL_MAPE
+
+    @property
+    def within_limit(self) -> bool:
+        """Whether the group meets its bar."""
+        return self.mape <= self.limit
 
 
 def group_errors(results: Iterable[Comparison]) -> list[GroupError]:
