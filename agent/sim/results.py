@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,22 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
+_RECORDS = (  # the per-iteration and per-request lists of a SimulationResult
+    "iteration_end_s",
+    "iteration_s",
+    "decode_tokens",
+    "clock_mhz",
+    "power_w",
+    "batch_size",
+    "extra_gaps_s",
+    "ttft_s",
+    "e2e_s",
+    "tpot_s",
+    "output_tokens",
+    "finished_ids",
+)
+
+
 @dataclass(slots=True)
 class SimulationResult:
     """Per-iteration and per-request records of one run, summarised on demand."""
@@ -53,6 +70,7 @@ class SimulationResult:
     e2e_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)  # NaN for 1-token outputs (no TPOT)
     output_tokens: list[int] = field(default_factory=list)
+    finished_ids: list[int] = field(default_factory=list)  # request ids, in the order they finished
     tokens_out: int = 0
     sim_seconds: float = 0.0
     energy_j: float = 0.0
@@ -75,11 +93,23 @@ class SimulationResult:
             self.ttft_s.append(done.first_token_s - arrival)
             self.e2e_s.append(done.finish_s - arrival)
             self.output_tokens.append(done.output_tokens)
+            self.finished_ids.append(done.request.request_id)
             self.tpot_s.append(
                 (done.finish_s - done.first_token_s) / (done.output_tokens - 1)
                 if done.output_tokens > 1
                 else float("nan")
             )
+
+    @classmethod
+    def merged(cls, policy: str, requests: int, parts: Sequence[SimulationResult]) -> SimulationResult:
+        """One result of the records of several engines (run totals are set by `finish`)."""
+        merged = cls(policy=policy, requests=requests)
+        for part in parts:
+            for name in _RECORDS:
+                getattr(merged, name).extend(getattr(part, name))
+            merged.rejected += part.rejected
+            merged.tokens_out += part.tokens_out
+        return merged
 
     def finish(self, **totals: float) -> None:
         """Set the run totals once the loop has ended."""
