@@ -8,6 +8,10 @@ STAMP  := $(VENV)/.installed
 MODEL_CONFIGS := a100-sxm4-80gb:llama3-8b:1 a100-sxm4-40gb:llama2-13b:1 a100-sxm4-40gb:llama2-13b:2 \
                  a100-sxm4-40gb:llama2-13b:4 h100-sxm5-80gb:llama3-8b:1
 PROFILE_ROWS  ?= 20000
+# Engine sizes of the pool replays, profiled for capacity on both shipped traces (gpu:model).
+POOL_ENGINE   := --gpu a100-sxm4-40gb --model llama2-13b
+POOL_SIZES    := 1 2 4
+CODE_ENGINE   := --chunked-context --max-num-tokens 512
 
 .PHONY: setup demo test lint bench models clean
 
@@ -45,6 +49,10 @@ models: setup
 	  $(BIN)/throttllem train --data $$data --out models/$$1/$$2-tp$$3 --seed 0 --json; \
 	done
 	$(BIN)/throttllem train-lengths --out models/lengths/azure --seed 0 --json
+	@set -e; for tp in $(POOL_SIZES); do \
+	  $(BIN)/throttllem capacity $(POOL_ENGINE) --tp $$tp --trace azure-conv --seed 0 --json; \
+	  $(BIN)/throttllem capacity $(POOL_ENGINE) --tp $$tp --trace azure-code $(CODE_ENGINE) --seed 0 --json; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

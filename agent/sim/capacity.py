@@ -15,6 +15,8 @@ from agent.domain import Request
 from agent.sim.loop import simulate
 from agent.twin.setup import TwinSetup
 
+PROFILE_START_S = 600.0  # the trace window whose request mix a capacity profile uses: minutes 10 to 20
+PROFILE_DURATION_S = 600.0
 PEAK_SAMPLE = 1500  # requests in the saturated run: enough to average over the length mix
 
 
