@@ -123,7 +123,7 @@ def write_report(out_dir: Path, runs: Sequence[RunRecord], meta: dict[str, Any])
                 "plots": plots,
             }
         )
-    results = _jsonable(results)
+    results = jsonable(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(_markdown(groups, results["meta"]))
     return results
@@ -377,12 +377,12 @@ def _save(fig: Figure, path: Path) -> str:
     return path.name
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON types: NaN and infinities become null, numpy scalars and arrays become Python."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple | np.ndarray):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float):

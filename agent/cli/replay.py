@@ -20,6 +20,7 @@ from agent.cli.common import (
     stdout,
     workload_from_args,
 )
+from agent.cli.pool import add_pool_args, cmd_pool_replay
 from agent.cli.simulate import PREDICTIVE_MAX_TOKENS
 from agent.config import Settings
 from agent.policy_registry import policy_syntax
@@ -27,6 +28,14 @@ from agent.slo_presets import load_slo_preset
 from agent.twin.setup import TwinSetup
 from agent.workloads import Workload
 
+DEFAULT_POLICIES = ("max", "static:1050", "reactive", "throttllem", "oracle")
+DEFAULT_POOL_POLICIES = (
+    "fixed:max",
+    "autoscale:max",
+    "fixed:throttllem",
+    "autoscale:throttllem",
+    "autoscale:oracle",
+)
 DEFAULT_LOADS = (0.5, 0.9)  # the report points, as fractions of max's peak
 _NOT_ARGUMENTS = ("func", "json", "command")
 
@@ -99,7 +108,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from agent.bench.replay import ReplayConfig, plan_runs, replay, versions  # matplotlib: slow
     from agent.bench.report import write_report
 
+    if args.sizes is not None:
+        args.policies = args.policies or DEFAULT_POOL_POLICIES
+        return cmd_pool_replay(args, _arguments(args), _window(args, setup_from_args(args)))
     started = time.perf_counter()
+    args.policies = args.policies or DEFAULT_POLICIES
     if args.rate_scale is not None and args.loads is not None:
         raise CliError("--loads and --rate-scale both set the arrival rate: pass one")
     if args.max_tokens < 1:
@@ -159,8 +172,9 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     rep.add_argument(
         "--policies",
         type=_names,
-        default="max,static:1050,reactive,throttllem,oracle",
-        help=f"comma-separated, each {policy_syntax()} (default %(default)s)",
+        default=None,
+        help=f"comma-separated, each {policy_syntax()} (default {','.join(DEFAULT_POLICIES)}; with "
+        f"--sizes {','.join(DEFAULT_POOL_POLICIES)})",
     )
     rep.add_argument(
         "--length-error",
@@ -180,7 +194,8 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         "--loads",
         type=_numbers,
         default=None,
-        help="comma-separated fractions of the peak rate, the highest at which max meets the SLO "
+        help="single engine: comma-separated fractions of the peak rate, the highest at which max "
+        "meets the SLO "
         f"(searched on the window; default {','.join(map(str, DEFAULT_LOADS))})",
     )
     rate.add_argument(
@@ -194,6 +209,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
     rep.add_argument("--models-dir", type=Path, default=settings.models_dir)
     add_clock_range_arg(rep)
+    add_pool_args(rep)
     rep.add_argument("--out", type=Path, required=True, help="directory for results.json, report.md, PNGs")
     rep.add_argument("--json", action="store_true", help="print results.json")
     rep.set_defaults(func=cmd_replay)
