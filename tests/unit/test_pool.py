@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from agent.catalog import gpu_spec, model_spec
 from agent.control.policies import MaxPolicy
 from agent.control.scaling import ScalingConfig
+from agent.control.slo import SloTargets
 from agent.domain import Request
 from agent.policy_registry import BuiltPolicy, build_policy
 from agent.sim.engine_run import DrainingError, EngineRun
@@ -17,7 +18,6 @@ from agent.sim.loop import simulate
 from agent.sim.policies import policy_context
 from agent.sim.pool import HOLDS_GPUS, PoolConfig, PoolSimulation, Role, SizingKnobs, simulate_pool
 from agent.sim.results import SimulationResult
-from agent.control.slo import SloTargets
 from agent.twin.power import PowerModel
 from agent.twin.setup import TwinSetup
 
@@ -159,7 +159,7 @@ def test_a_shadow_that_never_becomes_ready_is_abandoned_and_serving_goes_on():
 def test_a_shadow_draws_idle_power_while_it_starts_and_counts_in_gpu_seconds():
     requests = requests_at([(9.0, 30.0)])
     knobs = SizingKnobs(node_gpus=8, period_s=5.0, cold_start_s=10.0)
-    sim, pool = autoscaled(requests=requests, knobs=knobs)
+    _, pool = autoscaled(requests=requests, knobs=knobs)
     shadow = next(e for e in pool.engines if e["size"] == 4)
     assert shadow["ready_s"] - shadow["acquired_s"] == pytest.approx(10.0)
     assert shadow["energy_j"] >= 4 * PowerModel(BASE.gpu).idle_w(None) * 10.0
@@ -180,3 +180,8 @@ def test_pool_config_refuses_what_cannot_run():
         SizingKnobs(cold_start_s=-1.0)
     with pytest.raises(ValueError, match="knows sizes \\[8\\]"):
         PoolConfig(SETUPS, 1, ScalingConfig(((1, 1.0), (8, 9.0))))
+
+
+def test_a_pool_with_no_requests_ends_at_time_zero():
+    pool = simulate_pool(PoolConfig(SETUPS, 2, SCALING, KNOBS), max_policies, [])
+    assert pool.result.completed == 0 and pool.result.sim_seconds == 0.0 and pool.events == []

@@ -51,7 +51,9 @@ def test_capacity_profiles_round_trip_and_a_new_profile_replaces_its_key(tmp_pat
 
 
 def test_a_missing_capacity_profile_says_which_command_makes_it(tmp_path):
-    with pytest.raises(CapacityProfileError, match="run: throttllem capacity --gpu a100-sxm4-80gb .* --tp 1"):
+    with pytest.raises(
+        CapacityProfileError, match=r"run: throttllem capacity --gpu a100-sxm4-80gb .* --tp 1"
+    ):
         load_capacity(tmp_path, SETUP, KEY)
     path = tmp_path / "a100-sxm4-80gb" / "llama3-8b-tp1" / "capacity.json"
     path.parent.mkdir(parents=True)
@@ -99,8 +101,8 @@ def pool_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     models = tmp_path_factory.mktemp("models")
     out = tmp_path_factory.mktemp("pool")
     for tp in ("1", "2"):
-        argv = ["capacity", *GEOMETRY, "--tp", tp, "--trace", "azure-code", "--start", "0", "--duration", "300"]
-        run_json([*argv, "--models-dir", str(models), "--json"])
+        argv = ["capacity", *GEOMETRY, "--tp", tp, "--trace", "azure-code", "--start", "0"]
+        run_json([*argv, "--duration", "300", "--models-dir", str(models), "--json"])
     # Minutes 0-4 of the code trace: two quiet minutes between bursts.
     argv = ["replay", *GEOMETRY, "--sizes", "1,2", "--trace", "azure-code", "--duration", "240"]
     argv += ["--policies", "fixed:max,autoscale:max", "--models-dir", str(models), "--period", "5"]
