@@ -106,7 +106,12 @@ class Settings(BaseSettings):
     gpu_uuid: str | None = Field(
         None, description="GPU to control, by NVML UUID (GPU-...); preferred to the index"
     )
-    gpu_index: int | None = Field(None, ge=0, description="GPU to control, by NVML index")
+    gpu_uuids: str | None = Field(
+        None,
+        description="every GPU of a TP-N engine, comma-separated NVML UUIDs (N of them); all are locked "
+        "to one clock",
+    )
+    gpu_index: int | None = Field(None, ge=0, description="GPU to control, by NVML index (TP1 only)")
     twin_url: str | None = Field(None, description="twin server URL (for the twin actuator or meter)")
     dcgm_url: str = Field(
         "http://localhost:9400/metrics", description="dcgm-exporter metrics URL (dcgm meter)"
@@ -160,6 +165,25 @@ class Settings(BaseSettings):
                 "must be a full GPU UUID as nvidia-smi -L prints it (GPU-...); MIG cannot lock clocks"
             )
         return value
+
+    @field_validator("gpu_uuids")
+    @classmethod
+    def _uuid_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        uuids = [part.strip() for part in value.split(",")]
+        if not all(uuid.startswith("GPU-") for uuid in uuids):
+            raise ValueError("must be full GPU UUIDs (GPU-...), comma-separated; MIG cannot lock clocks")
+        if len(set(uuids)) != len(uuids):
+            raise ValueError("lists a GPU twice")
+        return ",".join(uuids)
+
+    @property
+    def selected_gpu_uuids(self) -> tuple[str, ...]:
+        """The engine's GPUs by UUID (THROTTLLEM_GPU_UUIDS or THROTTLLEM_GPU_UUID); empty when unset."""
+        if self.gpu_uuids is not None:
+            return tuple(self.gpu_uuids.split(","))
+        return () if self.gpu_uuid is None else (self.gpu_uuid,)
 
     @field_validator("tokenizer")
     @classmethod
@@ -216,19 +240,32 @@ class Settings(BaseSettings):
             problems.append(
                 _problem("twin_url", None, "must be set when THROTTLLEM_ACTUATOR or THROTTLLEM_METER is twin")
             )
-        selected = (self.gpu_uuid is not None) + (self.gpu_index is not None)
-        if selected == 2:
+        selectors = [f for f in ("gpu_uuids", "gpu_uuid", "gpu_index") if getattr(self, f) is not None]
+        if len(selectors) > 1:
+            names = " and ".join(env_name(f) for f in selectors)
             problems.append(
-                _problem("gpu_index", self.gpu_index, "must be unset when THROTTLLEM_GPU_UUID is set")
+                _problem(selectors[-1], getattr(self, selectors[-1]), f"{names} both select GPUs: keep one")
             )
-        elif selected == 0 and (self.actuator == "nvml" or self.meter in ("nvml", "dcgm")):
+        elif not selectors and (self.actuator == "nvml" or self.meter in ("nvml", "dcgm")):
             problems.append(
                 _problem(
                     "gpu_uuid",
                     None,
-                    "must be set (or THROTTLLEM_GPU_INDEX) for the nvml actuator and nvml or dcgm meters",
+                    "unset: set it (or THROTTLLEM_GPU_UUIDS, or THROTTLLEM_GPU_INDEX) for the nvml actuator "
+                    "and nvml or dcgm meters",
                 )
             )
+        elif selectors and self.twin_url is None:
+            count = len(self.selected_gpu_uuids) or 1  # an index selects one GPU
+            if count != self.tp:
+                problems.append(
+                    _problem(
+                        selectors[0],
+                        getattr(self, selectors[0]),
+                        f"selects {count} GPU(s) but THROTTLLEM_TP={self.tp}: an engine of TP N runs on N "
+                        "GPUs and one sidecar steers them all; list all N in THROTTLLEM_GPU_UUIDS",
+                    )
+                )
         return problems
 
     @property

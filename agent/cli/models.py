@@ -101,10 +101,16 @@ def live_config_from_args(args: argparse.Namespace) -> LiveConfig:
             "--target live needs --actuator: nvml (a real GPU, with --gpu-uuid or --gpu-index) or twin "
             "(the twin's GPU endpoint, with --twin-url)"
         )
-    if args.actuator == "nvml" and (args.gpu_uuid is None) == (args.gpu_index is None):
+    uuids = tuple(u.strip() for u in args.gpu_uuid.split(",")) if args.gpu_uuid else ()
+    if args.actuator == "nvml" and bool(uuids) == (args.gpu_index is not None):
         raise CliError(
             "--actuator nvml needs exactly one of --gpu-uuid (preferred; `nvidia-smi -L` lists them) "
-            "or --gpu-index: the GPU the engine runs on"
+            "or --gpu-index: the GPUs the engine runs on"
+        )
+    if args.actuator == "nvml" and (len(uuids) or 1) != args.tp:
+        raise CliError(
+            f"--gpu-uuid names {len(uuids) or 1} GPU(s) but --tp is {args.tp}: a TP-N engine runs on N "
+            "GPUs and every one must be locked; list all N, comma-separated"
         )
     if args.actuator == "twin" and not args.twin_url:
         raise CliError("--actuator twin needs --twin-url: the twin's HTTP port, e.g. http://127.0.0.1:8000")
@@ -115,7 +121,7 @@ def live_config_from_args(args: argparse.Namespace) -> LiveConfig:
         api=api,
         model_name=model_name,
         actuator=args.actuator,
-        gpu_uuid=args.gpu_uuid,
+        gpu_uuids=uuids,
         gpu_index=args.gpu_index,
         twin_url=args.twin_url,
         tp=args.tp,
@@ -268,7 +274,10 @@ def _add_live_args(profile: argparse.ArgumentParser) -> None:
         "--model-name", help="model the requests address (triton API default: ensemble; openai: required)"
     )
     live.add_argument("--actuator", choices=ACTUATORS, help="who locks the SM clock: nvml or twin")
-    live.add_argument("--gpu-uuid", help="nvml: the GPU's UUID (GPU-..., see `nvidia-smi -L`)")
+    live.add_argument(
+        "--gpu-uuid",
+        help="nvml: the GPU's UUID (GPU-..., see `nvidia-smi -L`); a TP-N engine's N UUIDs, comma-separated",
+    )
     live.add_argument("--gpu-index", type=int, help="nvml: the GPU's NVML index, instead of its UUID")
     live.add_argument("--twin-url", help="twin: base URL of the twin's GPU endpoint (its HTTP port)")
     live.add_argument(

@@ -7,6 +7,8 @@ They are coroutines because opening NVML or an HTTP endpoint blocks or does I/O.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from functools import partial
 
 from agent.domain import GpuSpec
 from agent.gpus.base import (
@@ -24,6 +26,7 @@ from agent.gpus.base import (
 from agent.gpus.dcgm import DEFAULT_URL as DCGM_DEFAULT_URL
 from agent.gpus.dcgm import DcgmMeter
 from agent.gpus.dryrun import DryRunActuator
+from agent.gpus.group import ActuatorGroup, MeterGroup, open_all
 from agent.gpus.nvml import NvmlActuator, NvmlMeter
 from agent.gpus.twin import TwinActuator, TwinMeter
 
@@ -31,6 +34,7 @@ __all__ = [
     "ACTUATOR_KINDS",
     "METER_KINDS",
     "Actuator",
+    "ActuatorGroup",
     "DcgmMeter",
     "DriverNotLoadedError",
     "DryRunActuator",
@@ -38,6 +42,7 @@ __all__ = [
     "GpuLostError",
     "GpuNotFoundError",
     "Meter",
+    "MeterGroup",
     "NotSupportedError",
     "NvmlActuator",
     "NvmlMeter",
@@ -48,6 +53,8 @@ __all__ = [
     "UnsupportedClockError",
     "build_actuator",
     "build_meter",
+    "open_engine_actuator",
+    "open_engine_meter",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +122,65 @@ async def _dry_run(
     if gpu_spec is not None:
         return DryRunActuator.from_spec(gpu_spec)
     raise ValueError("a dryrun actuator needs uuid or index (NVML, read-only), twin_url, or gpu_spec")
+
+
+async def open_engine_actuator(
+    kind: str,
+    *,
+    uuids: Sequence[str] = (),
+    index: int | None = None,
+    twin_url: str | None = None,
+    gpu_spec: GpuSpec | None = None,
+) -> Actuator:
+    """The actuator of a whole engine: every GPU in `uuids` locked as one (see `agent.gpus.group`).
+
+    One UUID (or an index) is `build_actuator`'s single GPU. The twin serves one engine and
+    steers all its GPUs behind one endpoint, so it needs no list.
+    """
+    if len(uuids) <= 1 or kind == "twin":
+        return await build_actuator(
+            kind, uuid=uuids[0] if uuids else None, index=index, twin_url=twin_url, gpu_spec=gpu_spec
+        )
+    if kind == "nvml":
+        return await ActuatorGroup.of(await _open_nvml_actuators(uuids))
+    if kind == "dryrun":
+        try:
+            observed = await ActuatorGroup.of(await _open_nvml_actuators(uuids))
+        except GpuControlError as err:
+            if gpu_spec is None:
+                raise
+            log.warning("dry-run without NVML, clocks from the catalog's %s: %s", gpu_spec.name, err)
+            return DryRunActuator.from_spec(gpu_spec)
+        return await DryRunActuator.observing(observed)
+    raise ValueError(f"unknown actuator kind {kind!r}; allowed: {', '.join(ACTUATOR_KINDS)}")
+
+
+async def _open_nvml_actuators(uuids: Sequence[str]) -> list[NvmlActuator]:
+    openers = [partial(NvmlActuator.open, uuid=uuid) for uuid in uuids]
+    return await open_all(openers, lambda actuator: actuator.close())
+
+
+async def open_engine_meter(
+    kind: str,
+    *,
+    uuids: Sequence[str] = (),
+    index: int | None = None,
+    twin_url: str | None = None,
+    dcgm_url: str = DCGM_DEFAULT_URL,
+) -> Meter:
+    """The meter of a whole engine: energy and power summed over every GPU in `uuids`."""
+    if len(uuids) <= 1 or kind == "twin":
+        return await build_meter(
+            kind, uuid=uuids[0] if uuids else None, index=index, twin_url=twin_url, dcgm_url=dcgm_url
+        )
+    match kind:
+        case "nvml":
+            openers = [partial(NvmlMeter.open, uuid=uuid) for uuid in uuids]
+        case "dcgm":
+            openers = [partial(DcgmMeter.open, dcgm_url, uuid=uuid) for uuid in uuids]
+        case _:
+            raise ValueError(f"unknown meter kind {kind!r}; allowed: {', '.join(METER_KINDS)}")
+    return MeterGroup(await open_all(openers, lambda meter: meter.close()))
 
 
 def _required(value: str | None, what: str, kind: str) -> str:

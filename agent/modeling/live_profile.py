@@ -37,7 +37,7 @@ from agent.engines.base import EngineUnavailableError
 from agent.engines.http import HttpPollingAdapter
 from agent.engines.triton_trtllm import TritonTrtllmAdapter
 from agent.engines.trtllm_serve import TrtllmServeAdapter
-from agent.gpus import Actuator, GpuControlError, PermissionDeniedError, build_actuator
+from agent.gpus import Actuator, GpuControlError, PermissionDeniedError, open_engine_actuator
 from agent.gpus.base import CLOCK_PERMISSION_ADVICE, DRYRUN_ADVICE
 from agent.modeling.dataset import Row
 from agent.modeling.live_points import (
@@ -80,8 +80,8 @@ class LiveConfig:
     api: str  # "openai" (/v1/completions, trtllm-serve) | "triton" (generate extension)
     model_name: str  # the model the requests address
     actuator: str  # "nvml" | "twin"
-    gpu_uuid: str | None = None  # nvml: the GPU (preferred: stable)
-    gpu_index: int | None = None  # nvml: or its NVML index
+    gpu_uuids: tuple[str, ...] = ()  # nvml: every GPU of the engine, by UUID (preferred: stable)
+    gpu_index: int | None = None  # nvml: or, for TP1, its NVML index
     twin_url: str | None = None  # twin: base URL of the twin's GPU endpoint
     tp: int = 1  # tensor-parallel degree of the engine (recorded, and a model feature)
     max_batch_size: int = 256  # the engine's build limits; points stay within them
@@ -171,8 +171,8 @@ class _LiveSession:
         """Open the actuator, check clock permission, reach the stats endpoint and warm up."""
         stack = AsyncExitStack()
         try:
-            actuator = await build_actuator(
-                config.actuator, uuid=config.gpu_uuid, index=config.gpu_index, twin_url=config.twin_url
+            actuator = await open_engine_actuator(
+                config.actuator, uuids=config.gpu_uuids, index=config.gpu_index, twin_url=config.twin_url
             )
             stack.push_async_callback(actuator.close)
             stack.push_async_callback(_reset_quietly, actuator)

@@ -33,7 +33,7 @@ from agent.control.admission import EngineLimits
 from agent.domain import GpuSpec
 from agent.engines import build_adapter
 from agent.engines.base import EngineAdapter
-from agent.gpus import Actuator, GpuControlError, Meter, build_actuator, build_meter
+from agent.gpus import Actuator, GpuControlError, Meter, open_engine_actuator, open_engine_meter
 from agent.policy_registry import BuiltPolicy, PolicyContext, ServedEngine, build_policy, check_live_policy
 from agent.predict.lengths import MaxTokensPredictor
 from agent.sidecar.energy import EnergySampler
@@ -114,10 +114,10 @@ def policy_builder(settings: Settings, gpu: GpuSpec) -> PolicyBuilder:
 
 
 async def open_actuator(settings: Settings) -> Actuator:
-    """The configured actuator (dry-run observes NVML or the twin when one is configured)."""
-    return await build_actuator(
+    """The configured actuator of every GPU of the engine (dry-run observes NVML or the twin)."""
+    return await open_engine_actuator(
         settings.actuator,
-        uuid=settings.gpu_uuid,
+        uuids=settings.selected_gpu_uuids,
         index=settings.gpu_index,
         twin_url=settings.twin_url,
         gpu_spec=GPUS[settings.gpu],
@@ -129,9 +129,9 @@ async def open_meter(settings: Settings) -> Meter | None:
     if settings.meter == "none":
         return None
     try:
-        return await build_meter(
+        return await open_engine_meter(
             settings.meter,
-            uuid=settings.gpu_uuid,
+            uuids=settings.selected_gpu_uuids,
             index=settings.gpu_index,
             twin_url=settings.twin_url,
             dcgm_url=settings.dcgm_url,

@@ -180,7 +180,7 @@ def test_kustomizations_name_files_that_exist() -> None:
 def test_base_settings_are_what_the_brief_deploys(sidecar_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     env = env_file(BASE / "throttllem.env")
     # The GPU is found at start-up (triton_gpu_uuid.py), so the manifests cannot name it.
-    assert "THROTTLLEM_GPU_UUID" not in env and "THROTTLLEM_GPU_INDEX" not in env
+    assert not {"THROTTLLEM_GPU_UUIDS", "THROTTLLEM_GPU_UUID", "THROTTLLEM_GPU_INDEX"} & set(env)
     settings = sidecar_settings(monkeypatch, {**env, "THROTTLLEM_GPU_UUID": twin_uuid()})
     assert (settings.engine, settings.actuator, settings.meter) == ("triton", "nvml", "nvml")
     assert settings.metrics_url == "http://127.0.0.1:8002/metrics"
@@ -581,21 +581,29 @@ def test_discovery_waits_then_execs_the_sidecar(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(script, "scrape", lambda url: next(pages))
     monkeypatch.setattr(script.time, "sleep", lambda s: None)
     monkeypatch.setattr(script.os, "execvp", lambda file, args: execs.append((file, args)))
-    monkeypatch.delenv("THROTTLLEM_GPU_UUID", raising=False)
-    monkeypatch.delenv("THROTTLLEM_GPU_INDEX", raising=False)
+    for name in script.SELECTORS:
+        monkeypatch.delenv(f"THROTTLLEM_{name}", raising=False)
     script.main(["run", "--json-logs"])
     assert execs == [("throttllem", ["throttllem", "run", "--json-logs"])]
-    assert script.os.environ["THROTTLLEM_GPU_UUID"] == twin_uuid()
+    assert script.os.environ["THROTTLLEM_GPU_UUIDS"] == twin_uuid()
 
 
-def test_discovery_refuses_several_gpus_and_keeps_a_given_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discovery_selects_every_gpu_of_a_tp_engine_and_keeps_a_given_selection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     script = discovery_script()
-    several = TritonMetrics(["ensemble"], [twin_uuid(), "GPU-00000000-0000-0000-0000-000000000001"]).text()
-    monkeypatch.setattr(script, "scrape", lambda url: several)
-    with pytest.raises(SystemExit, match="sees 2 GPUs"):
-        script.wait_for_gpu("http://127.0.0.1:8002/metrics")
+    two = sorted([twin_uuid(), "GPU-00000000-0000-0000-0000-000000000001"])
+    monkeypatch.setattr(script, "scrape", lambda url: TritonMetrics(["ensemble"], two).text())
     execs: list[list[str]] = []
     monkeypatch.setattr(script.os, "execvp", lambda file, args: execs.append(args))
+    for name in script.SELECTORS:
+        monkeypatch.delenv(f"THROTTLLEM_{name}", raising=False)
+    script.main(["run"])
+    assert script.os.environ["THROTTLLEM_GPU_UUIDS"] == ",".join(two)
+    settings = sidecar_settings(monkeypatch, {"THROTTLLEM_TP": "2", "THROTTLLEM_ACTUATOR": "nvml"})
+    assert settings.selected_gpu_uuids == tuple(two)
+    monkeypatch.delenv("THROTTLLEM_GPU_UUIDS")
     monkeypatch.setenv("THROTTLLEM_GPU_UUID", "GPU-given")
     script.main(["run"])
-    assert execs == [["throttllem", "run"]]
+    assert "THROTTLLEM_GPU_UUIDS" not in script.os.environ
+    assert execs == [["throttllem", "run"], ["throttllem", "run"]]

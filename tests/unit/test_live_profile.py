@@ -307,7 +307,7 @@ def test_no_clock_permission_stops_the_profile_before_any_load(tmp_path, capsys,
         assert kind == "nvml"
         return actuator
 
-    monkeypatch.setattr(live_profile, "build_actuator", build)
+    monkeypatch.setattr(live_profile, "open_engine_actuator", build)
     with recording_engine() as (url, seen):
         code = main(
             live(
@@ -366,3 +366,9 @@ def test_a_failing_point_resets_the_clock_it_locked_and_says_why():
         asyncio.run(scenario(url))
     assert actuator.calls == [("set", 1050), ("reset",)]
     assert sorted(seen) == [("POST", "/v1/completions")] * 2
+
+
+def test_a_tp_engine_is_profiled_with_every_gpu_locked(tmp_path, capsys):
+    argv = ("--engine-url", URL, "--model-name", "llama", "--actuator", "nvml", "--tp", "2")
+    assert main(live(tmp_path / "p.csv", *argv, "--gpu-uuid", "GPU-a")) == 1
+    assert "names 1 GPU(s) but --tp is 2" in capsys.readouterr().err

@@ -40,6 +40,8 @@ BAD_VALUES = [
     ("THROTTLLEM_METER", "rapl", "must be 'nvml', 'dcgm', 'twin' or 'none'"),
     ("THROTTLLEM_GPU_UUID", "0", "must be a full GPU UUID"),
     ("THROTTLLEM_GPU_INDEX", "-2", "must be greater than or equal to 0"),
+    ("THROTTLLEM_GPU_UUIDS", "GPU-1,2", "must be full GPU UUIDs"),
+    ("THROTTLLEM_GPU_UUIDS", "GPU-1, GPU-1", "lists a GPU twice"),
     ("THROTTLLEM_TWIN_URL", "twin:8000", "must be an http(s) URL"),
     ("THROTTLLEM_DCGM_URL", "nope", "must be an http(s) URL"),
     ("THROTTLLEM_POLICY", "turbo", "must be max | static:<MHz>"),
@@ -83,6 +85,9 @@ def test_bad_value_names_the_variable(monkeypatch, variable, value, message):
         ({"THROTTLLEM_ACTUATOR": "nvml"}, "THROTTLLEM_GPU_UUID"),
         ({"THROTTLLEM_METER": "dcgm"}, "THROTTLLEM_GPU_UUID"),
         ({"THROTTLLEM_GPU_UUID": "GPU-1", "THROTTLLEM_GPU_INDEX": "0"}, "THROTTLLEM_GPU_INDEX"),
+        ({"THROTTLLEM_GPU_UUIDS": "GPU-1,GPU-2", "THROTTLLEM_GPU_UUID": "GPU-1"}, "THROTTLLEM_GPU_UUID"),
+        ({"THROTTLLEM_GPU_UUIDS": "GPU-1,GPU-2", "THROTTLLEM_ACTUATOR": "nvml"}, "THROTTLLEM_GPU_UUIDS"),
+        ({"THROTTLLEM_GPU_UUID": "GPU-1", "THROTTLLEM_TP": "2"}, "THROTTLLEM_GPU_UUID"),
         ({"THROTTLLEM_POLICY": "throttllem"}, "THROTTLLEM_GATEWAY_PORT"),
         (
             {"THROTTLLEM_POLL_INTERVAL_MS": "1000", "THROTTLLEM_TELEMETRY_STALE_S": "1.5"},
@@ -95,6 +100,17 @@ def test_settings_that_do_not_fit_together_name_what_to_change(monkeypatch, env,
         monkeypatch.setenv(name, value)
     load_settings()  # each value is fine alone: other commands are not affected
     with pytest.raises(ConfigError, match=f"^{variable}="):
+        load_settings(sidecar=True)
+
+
+def test_a_tp_engine_is_selected_by_all_its_gpus(monkeypatch):
+    monkeypatch.setenv("THROTTLLEM_TP", "2")
+    monkeypatch.setenv("THROTTLLEM_GPU_UUIDS", " GPU-a , GPU-b ")
+    monkeypatch.setenv("THROTTLLEM_ACTUATOR", "nvml")
+    settings = load_settings(sidecar=True)
+    assert settings.selected_gpu_uuids == ("GPU-a", "GPU-b")
+    monkeypatch.setenv("THROTTLLEM_TP", "4")
+    with pytest.raises(ConfigError, match=r"^THROTTLLEM_GPU_UUIDS=.*selects 2 GPU\(s\) but THROTTLLEM_TP=4"):
         load_settings(sidecar=True)
 
 
