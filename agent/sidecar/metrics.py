@@ -127,6 +127,7 @@ class _SnapshotCollector:
             "throttllem_requests_in_flight", "Requests admitted and not finished", value=tracker.in_flight
         )
         for name, value, text in (
+            ("throttllem_requests_arrived", requests.arrived, "Requests that reached the gateway"),
             ("throttllem_requests_admitted", requests.admitted, "Requests admitted to the engine"),
             (
                 "throttllem_requests_hold_timeouts",

@@ -17,6 +17,7 @@ FAMILIES = {
     "throttllem_predicted_ips",
     "throttllem_measured_ips",
     "throttllem_min_slack_seconds",
+    "throttllem_requests_arrived",
     "throttllem_requests_admitted",
     "throttllem_requests_held",
     "throttllem_requests_rejected",

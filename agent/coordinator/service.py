@@ -1,0 +1,204 @@
+"""The coordinator's loop: the sizing state machine of `agent.control.scaling`, carried out live.
+
+Every tick (`period_s`, paper §3.7: about 10 s):
+
+1. a shadow that is starting and reports ready moves traffic (`ShadowReady` → SWITCH_TO): the
+   backend routes to it, and the engine that served until then **drains**;
+2. the serving engine's arrival rate since the last tick (its sidecar's arrival counter) is the
+   `LoadObserved` event; a tick whose load cannot be read decides nothing;
+3. a draining engine is stopped once its sidecar holds and runs no request, or after
+   `drain_timeout_s` whatever it holds (its sidecar resets its GPUs as it stops).
+
+An action the backend fails is kept and retried first on the next tick; every action is
+idempotent. Traffic is routed only to an engine the backend reports ready. On start the
+coordinator asks the backend where things stand: the routed size is the serving one, and any
+other size still running is drained, so a coordinator restarted in the middle of a switch
+finishes it rather than starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.control.scaling import (
+    LoadObserved,
+    ScalingAction,
+    ScalingConfig,
+    ScalingEvent,
+    ScalingMode,
+    ScalingState,
+    ShadowReady,
+    initial_state,
+    transition,
+)
+from agent.coordinator.backend import BackendError, ScaleBackend
+from agent.coordinator.load import ArrivalRate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT_S = 300.0  # a request may stream for minutes; past this the engine stops anyway
+
+
+class _NotReadyError(Exception):
+    """A route waits for its engine to be ready: not a failure, tried again next tick."""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A backend call the state machine decided, kept until it succeeds."""
+
+    kind: str  # "start", "route", "stop"
+    size: int
+    reason: str
+
+
+@dataclass(slots=True)
+class CoordinatorRecord:
+    """What the coordinator did, for its /metrics and logs."""
+
+    actions: list[tuple[float, Action]] = field(default_factory=list)  # (time, action) that succeeded
+    failures: int = 0  # backend calls that failed (and were retried)
+    last_reason: str = ""  # the latest decision's reason
+    last_rate_rps: float | None = None
+
+
+class Coordinator:
+    """Sizes one model's engine; call `start()` once, then `tick()` every period."""
+
+    def __init__(
+        self,
+        backend: ScaleBackend,
+        scaling: ScalingConfig,
+        *,
+        initial_size: int,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if drain_timeout_s <= 0:
+            raise ValueError("drain_timeout_s must be > 0")
+        scaling.capacity_rps(initial_size)  # refuses a size that was never profiled
+        self.backend = backend
+        self.scaling = scaling
+        self.initial_size = initial_size
+        self.drain_timeout_s = drain_timeout_s
+        self.clock = clock
+        self.state: ScalingState | None = None
+        self.draining: dict[int, float] = {}  # size -> when traffic left it
+        self.record = CoordinatorRecord()
+        self._pending: list[Action] = []
+        self._rate = ArrivalRate()
+
+    async def start(self) -> None:
+        """Rebuild where things stand from the backend; route to the initial size if nothing is."""
+        now = self.clock()
+        routed = await self.backend.routed_size()
+        serving = routed if routed is not None else self.initial_size
+        self.state = initial_state(self.scaling, serving, now)
+        if routed is None:
+            self._pending += [
+                Action("start", serving, "nothing routed yet"),
+                Action("route", serving, "first"),
+            ]
+        for size in await self.backend.running_sizes():
+            if size != serving:
+                self.draining[size] = now  # a switch left half done: finish it
+        await self._run_pending(now)
+
+    async def tick(self) -> None:
+        """One period: retry what failed, switch to a ready shadow, decide on load, stop drained engines."""
+        assert self.state is not None, "call start() first"
+        now = self.clock()
+        if not await self._run_pending(now):
+            return
+        shadow = self.state.shadow_size if self.state.mode is ScalingMode.STARTING else None
+        if shadow is not None and await self._ready(shadow):
+            await self._observe(ShadowReady(now, shadow), now)
+        rate = await self._arrival_rate(now)
+        if rate is not None:
+            await self._observe(LoadObserved(now, rate), now)
+        await self._stop_drained(now)
+
+    async def _ready(self, size: int) -> bool:
+        try:
+            return await self.backend.is_ready(size)
+        except BackendError as err:
+            log.warning("could not tell whether tp%d is ready: %s", size, err)
+            return False
+
+    async def _arrival_rate(self, now: float) -> float | None:
+        assert self.state is not None
+        try:
+            load = await self.backend.load(self.state.size)
+        except BackendError as err:
+            log.warning("no load from tp%d this period, nothing decided: %s", self.state.size, err)
+            self._rate.reset()
+            return None
+        rate = self._rate.update(now, load.arrived_total)
+        self.record.last_rate_rps = rate
+        return rate
+
+    async def _observe(self, event: ScalingEvent, now: float) -> None:
+        assert self.state is not None
+        serving_before = self.state.size
+        self.state, decision = transition(self.state, event)
+        self.record.last_reason = decision.reason
+        size = decision.size
+        if decision.action is ScalingAction.KEEP or size is None:
+            return
+        log.info("%s tp%d: %s", decision.action.value, size, decision.reason)
+        if decision.action is ScalingAction.START_SHADOW:
+            self.draining.pop(size, None)  # an engine of that size still draining serves as the shadow
+            self._pending.append(Action("start", size, decision.reason))
+        elif decision.action is ScalingAction.STOP:
+            self._pending.append(Action("stop", size, decision.reason))
+        else:
+            self._pending.append(Action("route", size, decision.reason))
+            self.draining[serving_before] = now
+            self.draining.pop(size, None)
+            self._rate.reset()  # the arrival counter to read is the new engine's
+        await self._run_pending(now)
+
+    async def _run_pending(self, now: float) -> bool:
+        """Carry out pending actions in order; False when one failed (it stays, with those after it)."""
+        while self._pending:
+            action = self._pending[0]
+            try:
+                await self._call(action)
+            except _NotReadyError:
+                return False
+            except BackendError as err:
+                self.record.failures += 1
+                log.warning("%s tp%d failed, retried next period: %s", action.kind, action.size, err)
+                return False
+            self._pending.pop(0)
+            self.record.actions.append((now, action))
+        return True
+
+    async def _call(self, action: Action) -> None:
+        if action.kind == "start":
+            await self.backend.start(action.size)
+        elif action.kind == "route":
+            if not await self.backend.is_ready(action.size):  # never route to an engine that cannot serve
+                raise _NotReadyError(f"tp{action.size} is not ready yet")
+            await self.backend.route_to(action.size)
+        else:
+            await self.backend.stop(action.size)
+
+    async def _stop_drained(self, now: float) -> None:
+        for size, since in list(self.draining.items()):
+            try:
+                busy = (await self.backend.load(size)).busy
+            except BackendError as err:
+                log.warning("no load from draining tp%d: %s", size, err)
+                busy = True
+            if busy and now - since < self.drain_timeout_s:
+                continue
+            reason = (
+                "drained" if not busy else f"drain timeout ({self.drain_timeout_s:g} s) with requests left"
+            )
+            self._pending.append(Action("stop", size, reason))
+            del self.draining[size]
+        await self._run_pending(now)
