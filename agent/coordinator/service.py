@@ -6,8 +6,9 @@ Every tick (`period_s`, paper §3.7: about 10 s):
    backend routes to it, and the engine that served until then **drains**;
 2. the serving engine's arrival rate since the last tick (its sidecar's arrival counter) is the
    `LoadObserved` event; a tick whose load cannot be read decides nothing;
-3. a draining engine is stopped once its sidecar holds and runs no request, or after
-   `drain_timeout_s` whatever it holds (its sidecar resets its GPUs as it stops).
+3. a draining engine is stopped once its sidecar holds and runs no request (and it has drained
+   at least `min_drain_s`, for requests still on their way), or after `drain_timeout_s`
+   whatever it holds (its sidecar resets its GPUs as it stops).
 
 An action the backend fails is kept and retried first on the next tick; every action is
 idempotent. Traffic is routed only to an engine the backend reports ready. On start the
@@ -40,6 +41,9 @@ from agent.coordinator.load import ArrivalRate
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT_S = 300.0  # a request may stream for minutes; past this the engine stops anyway
+# Requests routed just before a switch are still on their way (a proxy's connection, kube-proxy
+# rules updating on every node): an engine drains at least this long even when it looks idle.
+DEFAULT_MIN_DRAIN_S = 10.0
 
 
 class _NotReadyError(Exception):
@@ -75,15 +79,17 @@ class Coordinator:
         *,
         initial_size: int,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        min_drain_s: float = DEFAULT_MIN_DRAIN_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if drain_timeout_s <= 0:
-            raise ValueError("drain_timeout_s must be > 0")
+        if not 0 <= min_drain_s <= drain_timeout_s:
+            raise ValueError("need 0 <= min_drain_s <= drain_timeout_s")
         scaling.capacity_rps(initial_size)  # refuses a size that was never profiled
         self.backend = backend
         self.scaling = scaling
         self.initial_size = initial_size
         self.drain_timeout_s = drain_timeout_s
+        self.min_drain_s = min_drain_s
         self.clock = clock
         self.state: ScalingState | None = None
         self.draining: dict[int, float] = {}  # size -> when traffic left it
@@ -189,6 +195,8 @@ class Coordinator:
 
     async def _stop_drained(self, now: float) -> None:
         for size, since in list(self.draining.items()):
+            if now - since < self.min_drain_s:
+                continue
             try:
                 busy = (await self.backend.load(size)).busy
             except BackendError as err:

@@ -92,7 +92,7 @@ async def drive(coordinator, backend, clock, rates):
 
 def test_a_burst_starts_a_shadow_moves_traffic_when_ready_then_drains_and_stops_the_old_engine():
     backend, clock = FakeBackend(), Clock()
-    coordinator = Coordinator(backend, SCALING, initial_size=1, clock=clock)
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
 
     async def scenario():
         await coordinator.start()
@@ -115,7 +115,7 @@ def test_a_burst_starts_a_shadow_moves_traffic_when_ready_then_drains_and_stops_
 
 def test_a_shadow_that_never_becomes_ready_is_stopped_and_the_serving_engine_keeps_its_traffic():
     backend, clock = FakeBackend(routed=1, running=(1,), ready_after=1000), Clock()
-    coordinator = Coordinator(backend, SCALING, initial_size=1, clock=clock)
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
 
     async def scenario():
         await coordinator.start()
@@ -128,7 +128,7 @@ def test_a_shadow_that_never_becomes_ready_is_stopped_and_the_serving_engine_kee
 
 def test_a_failed_action_is_retried_first_and_nothing_else_happens_meanwhile():
     backend, clock = FakeBackend(routed=1, running=(1,), ready_after=1), Clock()
-    coordinator = Coordinator(backend, SCALING, initial_size=1, clock=clock)
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
 
     async def scenario():
         await coordinator.start()
@@ -147,7 +147,7 @@ def test_a_failed_action_is_retried_first_and_nothing_else_happens_meanwhile():
 def test_a_coordinator_restarted_mid_switch_finishes_it_from_the_backends_state():
     backend, clock = FakeBackend(routed=2, running=(1, 2)), Clock()
     backend.in_flight[1] = 1
-    coordinator = Coordinator(backend, SCALING, initial_size=1, clock=clock)
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
 
     async def scenario():
         await coordinator.start()
@@ -163,7 +163,9 @@ def test_a_coordinator_restarted_mid_switch_finishes_it_from_the_backends_state(
 def test_an_engine_still_busy_at_the_drain_timeout_is_stopped_anyway():
     backend, clock = FakeBackend(routed=2, running=(1, 2)), Clock()
     backend.in_flight[1] = 5
-    coordinator = Coordinator(backend, SCALING, initial_size=2, drain_timeout_s=25.0, clock=clock)
+    coordinator = Coordinator(
+        backend, SCALING, initial_size=2, drain_timeout_s=25.0, min_drain_s=0.0, clock=clock
+    )
 
     async def scenario():
         await coordinator.start()
@@ -179,7 +181,7 @@ def test_scaling_back_to_a_size_still_draining_reuses_that_engine():
     backend, clock = FakeBackend(routed=2, running=(1, 2), ready_after=0), Clock()
     backend.in_flight[1] = 1  # tp1 still drains from an earlier switch
     scaling = ScalingConfig(((1, 2.0), (2, 5.0)), headroom=0.8, grace_s=0.0, shadow_timeout_s=60.0)
-    coordinator = Coordinator(backend, scaling, initial_size=2, clock=clock)
+    coordinator = Coordinator(backend, scaling, initial_size=2, min_drain_s=0.0, clock=clock)
 
     async def scenario():
         await coordinator.start()
@@ -190,9 +192,23 @@ def test_scaling_back_to_a_size_still_draining_reuses_that_engine():
     run(scenario())
 
 
+def test_an_idle_engine_drains_at_least_min_drain_s_for_requests_still_on_their_way():
+    backend, clock = FakeBackend(routed=2, running=(1, 2)), Clock()
+    coordinator = Coordinator(backend, SCALING, initial_size=2, min_drain_s=15.0, clock=clock)
+
+    async def scenario():
+        await coordinator.start()
+        await drive(coordinator, backend, clock, [3.5])
+        assert backend.calls == [], "idle, but drained only 10 s"
+        await drive(coordinator, backend, clock, [3.5])
+        assert backend.calls == [("stop", 1)]
+
+    run(scenario())
+
+
 def test_a_period_without_readable_load_decides_nothing():
     backend, clock = FakeBackend(routed=1, running=(1,)), Clock()
-    coordinator = Coordinator(backend, SCALING, initial_size=1, clock=clock)
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
 
     async def scenario():
         await coordinator.start()

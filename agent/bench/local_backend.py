@@ -1,0 +1,140 @@
+"""The coordinator's local backend: one `twin serve` + `throttllem run` pair per engine size, on loopback.
+
+What a Deployment per size and a Service are on Kubernetes, processes and a `Router` are here:
+
+- `start(size)` launches the twin of that size and its sidecar in the background (the cold
+  start is their start-up); `is_ready(size)` is true once both announced their ports;
+- `route_to(size)` points the router at that sidecar's gateway;
+- `load(size)` reads that sidecar's /metrics (`agent.coordinator.load`);
+- `stop(size)` sends the sidecar SIGTERM first — it resets the GPU's clocks as it exits — then
+  the twin.
+
+Every action is idempotent, as `agent.coordinator.backend` requires. The processes belong to a
+`ProcessGroup`, so whatever happens they are all stopped when the group ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from agent.bench.processes import ProcessGroup, Sidecar, SidecarSpec, Twin, start_sidecar, start_twin
+from agent.bench.router import Router
+from agent.coordinator.backend import BackendError
+from agent.coordinator.load import EngineLoad, LoadUnreadableError, parse_load
+from agent.twin.setup import TwinSetup
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 5.0
+
+
+@dataclass(slots=True)
+class LocalEngine:
+    """One size's processes, once started."""
+
+    size: int
+    starting: asyncio.Task[tuple[Twin, Sidecar]]
+    twin: Twin | None = None
+    sidecar: Sidecar | None = None
+    stopped: bool = False
+
+
+@dataclass(slots=True)
+class LocalBackend:
+    """Engines of `setups` (one per TP size) as processes, behind `router`."""
+
+    group: ProcessGroup
+    setups: dict[int, TwinSetup]
+    sidecar: SidecarSpec
+    router: Router
+    time_scale: float = 1.0  # the twins' wall time per engine second (see `twin serve --time-scale`)
+    engines: dict[int, LocalEngine] = field(default_factory=dict)
+    routed: int | None = None
+    _session: aiohttp.ClientSession | None = None
+
+    async def routed_size(self) -> int | None:
+        """The size the router points at."""
+        return self.routed
+
+    async def running_sizes(self) -> tuple[int, ...]:
+        """Sizes started and not stopped."""
+        return tuple(sorted(self.engines))
+
+    async def start(self, size: int) -> None:
+        """Launch the size's twin and sidecar in the background (nothing if it runs already)."""
+        if size not in self.setups:
+            raise BackendError(f"no engine of tp{size} in this pool ({sorted(self.setups)})")
+        if size in self.engines:
+            return
+        task = asyncio.create_task(self._launch(size), name=f"start-tp{size}")
+        self.engines[size] = LocalEngine(size, task)
+
+    async def _launch(self, size: int) -> tuple[Twin, Sidecar]:
+        setup = self.setups[size]
+        twin = await start_twin(self.group, setup, name=f"twin-tp{size}", time_scale=self.time_scale)
+        sidecar = await start_sidecar(self.group, twin, setup, self.sidecar, name=f"sidecar-tp{size}")
+        return twin, sidecar
+
+    async def is_ready(self, size: int) -> bool:
+        """Whether the size's twin and sidecar both announced their ports."""
+        engine = self.engines.get(size)
+        if engine is None or not engine.starting.done():
+            return False
+        if engine.starting.cancelled() or engine.starting.exception() is not None:
+            log.error("tp%d did not start: %s", size, engine.starting.exception())
+            return False
+        engine.twin, engine.sidecar = engine.starting.result()
+        return engine.sidecar.child.running and engine.twin.child.running
+
+    async def route_to(self, size: int) -> None:
+        """Point the router at the size's gateway."""
+        sidecar = self._sidecar(size)
+        if sidecar.gateway_url is None:
+            raise BackendError(f"the sidecar of tp{size} runs without a gateway: nothing to route to")
+        self.router.point_at(sidecar.gateway_url)
+        self.routed = size
+
+    async def load(self, size: int) -> EngineLoad:
+        """The size's sidecar's load figures."""
+        sidecar = self._sidecar(size)
+        try:
+            async with self._client().get(sidecar.metrics_url) as response:
+                response.raise_for_status()
+                return parse_load(await response.text())
+        except (aiohttp.ClientError, TimeoutError, LoadUnreadableError) as err:
+            raise BackendError(f"could not read the load of tp{size}: {err}") from err
+
+    async def stop(self, size: int) -> None:
+        """Stop the size's sidecar (it resets the clocks), then its twin; nothing if it is gone."""
+        engine = self.engines.pop(size, None)
+        if engine is None:
+            return
+        if not engine.starting.done():
+            engine.starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            engine.twin, engine.sidecar = await engine.starting
+        for part in (engine.sidecar, engine.twin):
+            if part is not None:
+                await part.child.stop()
+        engine.stopped = True
+
+    async def close(self) -> None:
+        """Close the HTTP session (the group stops the processes)."""
+        if self._session is not None:
+            await self._session.close()
+
+    def _sidecar(self, size: int) -> Sidecar:
+        engine = self.engines.get(size)
+        if engine is None or engine.sidecar is None:
+            raise BackendError(f"tp{size} is not running")
+        return engine.sidecar
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S))
+        return self._session
