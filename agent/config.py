@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -280,27 +280,35 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *, sidecar: bool =
     `sidecar` also checks the settings together as the sidecar uses them (`sidecar_problems`):
     other commands must not fail for a sidecar-only combination they never use.
     """
-    overrides = dict(overrides or {})
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
-            field = str(err["loc"][0])
-            name = f"--{field.replace('_', '-')}" if field in overrides else env_name(field)
-            problems.append(f"{name}={err.get('input')!r}: {message}")
-        raise ConfigError("; ".join(problems)) from None
+    settings = read_settings(Settings, ENV_PREFIX, overrides)
     problems = settings.sidecar_problems() if sidecar else []
     if problems:
         raise ConfigError("; ".join(problems))
     return settings
 
 
-def settings_table_markdown() -> str:
-    """The README's table of every environment variable: name, default, meaning."""
+S = TypeVar("S", bound=BaseSettings)
+
+
+def read_settings(model: type[S], prefix: str, overrides: Mapping[str, Any] | None = None) -> S:
+    """`model` from the environment (then `overrides`); one ConfigError naming every bad variable."""
+    overrides = dict(overrides or {})
+    try:
+        return model(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+            field = str(err["loc"][0])
+            name = f"--{field.replace('_', '-')}" if field in overrides else f"{prefix}{field.upper()}"
+            problems.append(f"{name}={err.get('input')!r}: {message}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def settings_table_markdown(model: type[BaseSettings] = Settings, prefix: str = ENV_PREFIX) -> str:
+    """The README's table of every environment variable of `model`: name, default, meaning."""
     rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
-    for field, info in Settings.model_fields.items():
+    for field, info in model.model_fields.items():
         default = info.default
         shown = (
             "unset"
@@ -308,5 +316,5 @@ def settings_table_markdown() -> str:
             else f"`{str(default).lower() if isinstance(default, bool) else default}`"
         )
         meaning = (info.description or "").replace("|", "\\|").replace("<", "\\<")
-        rows.append(f"| `{env_name(field)}` | {shown} | {meaning} |")
+        rows.append(f"| `{prefix}{field.upper()}` | {shown} | {meaning} |")
     return "\n".join(rows) + "\n"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -43,11 +43,16 @@ class Tracing:
 
 
 def setup_tracing(settings: Settings) -> Tracing:
+    """The sidecar's tracing (see `tracing_for`)."""
+    return tracing_for(lambda: sidecar_resource(settings))
+
+
+def tracing_for(resource: Callable[[], Resource]) -> Tracing:
     """A provider exporting over OTLP/HTTP when an OTLP endpoint variable is set, else a no-op one."""
     endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
     if endpoint is None:
         return Tracing(trace.NoOpTracerProvider(), lambda: None, None)
-    provider = TracerProvider(resource=sidecar_resource(settings), shutdown_on_exit=False)
+    provider = TracerProvider(resource=resource(), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     log.info("exporting traces over OTLP/HTTP to %s", endpoint)
     return Tracing(provider, provider.shutdown, endpoint)
@@ -55,14 +60,19 @@ def setup_tracing(settings: Settings) -> Tracing:
 
 def sidecar_resource(settings: Settings) -> Resource:
     """What the spans come from; OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override our defaults."""
-    defaults = {
+    defaults: dict[str, str | int] = {
         SERVICE_NAME: DEFAULT_SERVICE_NAME,
         "throttllem.gpu": settings.gpu,
         "throttllem.model": settings.model,
         "throttllem.tp": settings.tp,
         "throttllem.engine": settings.engine,
     }
-    if settings.gpu_uuid is not None:
-        defaults["hw.id"] = settings.gpu_uuid
+    if settings.selected_gpu_uuids:
+        defaults["hw.id"] = ",".join(settings.selected_gpu_uuids)
+    return resource_with(defaults)
+
+
+def resource_with(defaults: Mapping[str, str | int]) -> Resource:
+    """`defaults` as a resource; OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override them."""
     given = OTELResourceDetector().detect().attributes
     return Resource.create({key: value for key, value in defaults.items() if key not in given})

@@ -18,14 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from agent.bench.processes import ProcessGroup, Sidecar, SidecarSpec, Twin, start_sidecar, start_twin
 from agent.bench.router import Router
 from agent.coordinator.backend import BackendError
+from agent.coordinator.http_api import build_coordinator_app
 from agent.coordinator.load import EngineLoad, LoadUnreadableError, parse_load
+from agent.coordinator.service import Coordinator
 from agent.twin.setup import TwinSetup
 
 log = logging.getLogger(__name__)
@@ -138,3 +144,42 @@ class LocalBackend:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S))
         return self._session
+
+
+async def _listen(app: web.Application, host: str, port: int, stack: contextlib.AsyncExitStack) -> int:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, host, port).start()
+    return int(runner.addresses[0][1])
+
+
+async def serve_local(
+    coordinator_for: Callable[[LocalBackend], Coordinator],
+    setups: dict[int, TwinSetup],
+    sidecar: SidecarSpec,
+    *,
+    log_dir: Path,
+    period_s: float,
+    host: str,
+    port: int,
+    router_host: str,
+    router_port: int,
+    announce: Callable[[dict[str, Any]], None],
+) -> None:
+    """The coordinator on the local backend until cancelled; every engine process stops on the way out."""
+    router = Router()
+    async with contextlib.AsyncExitStack() as stack:
+        group = await stack.enter_async_context(ProcessGroup(log_dir))
+        backend = LocalBackend(group, setups, sidecar, router)
+        stack.push_async_callback(backend.close)
+        coordinator = coordinator_for(backend)
+        ports = {
+            "port": await _listen(build_coordinator_app(coordinator), host, port, stack),
+            "router_port": await _listen(router.app(), router_host, router_port, stack),
+        }
+        await coordinator.start()
+        announce(ports)
+        while True:
+            await asyncio.sleep(period_s)
+            await coordinator.tick()

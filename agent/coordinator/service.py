@@ -24,6 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
 from agent.control.scaling import (
     LoadObserved,
     ScalingAction,
@@ -39,6 +42,8 @@ from agent.coordinator.backend import BackendError, ScaleBackend
 from agent.coordinator.load import ArrivalRate
 
 log = logging.getLogger(__name__)
+
+TRACER_NAME = "throttllem.coordinator"
 
 DEFAULT_DRAIN_TIMEOUT_S = 300.0  # a request may stream for minutes; past this the engine stops anyway
 # Requests routed just before a switch are still on their way (a proxy's connection, kube-proxy
@@ -57,6 +62,18 @@ class Action:
     kind: str  # "start", "route", "stop"
     size: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorStatus:
+    """Where the coordinator stands, for /healthz and /metrics."""
+
+    serving: int | None
+    shadow: int | None
+    draining: tuple[int, ...]
+    pending: tuple[str, ...]  # actions waiting to be carried out, e.g. "route tp2"
+    last_reason: str
+    arrival_rate_rps: float | None
 
 
 @dataclass(slots=True)
@@ -81,6 +98,7 @@ class Coordinator:
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         min_drain_s: float = DEFAULT_MIN_DRAIN_S,
         clock: Callable[[], float] = time.monotonic,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         if not 0 <= min_drain_s <= drain_timeout_s:
             raise ValueError("need 0 <= min_drain_s <= drain_timeout_s")
@@ -96,6 +114,7 @@ class Coordinator:
         self.record = CoordinatorRecord()
         self._pending: list[Action] = []
         self._rate = ArrivalRate()
+        self._tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer(TRACER_NAME)
 
     async def start(self) -> None:
         """Rebuild where things stand from the backend; route to the initial size if nothing is."""
@@ -112,6 +131,18 @@ class Coordinator:
             if size != serving:
                 self.draining[size] = now  # a switch left half done: finish it
         await self._run_pending(now)
+
+    def status(self) -> CoordinatorStatus:
+        """A snapshot of the state machine, the drains and what waits."""
+        state = self.state
+        return CoordinatorStatus(
+            serving=None if state is None else state.size,
+            shadow=None if state is None else state.shadow_size,
+            draining=tuple(sorted(self.draining)),
+            pending=tuple(f"{a.kind} tp{a.size}" for a in self._pending),
+            last_reason=self.record.last_reason,
+            arrival_rate_rps=self.record.last_rate_rps,
+        )
 
     async def tick(self) -> None:
         """One period: retry what failed, switch to a ready shadow, decide on load, stop drained engines."""
@@ -184,11 +215,27 @@ class Coordinator:
         return True
 
     async def _call(self, action: Action) -> None:
+        """One backend call, as one span (a route still waiting for readiness records none)."""
+        if action.kind == "route" and not await self.backend.is_ready(action.size):
+            raise _NotReadyError(
+                f"tp{action.size} is not ready yet"
+            )  # never route to an engine that cannot serve
+        attributes = {
+            "throttllem.action": action.kind,
+            "throttllem.tp": action.size,
+            "throttllem.reason": action.reason,
+        }
+        with self._tracer.start_as_current_span(f"coordinator.{action.kind}", attributes=attributes) as span:
+            try:
+                await self._backend_call(action)
+            except BackendError as err:
+                span.set_status(Status(StatusCode.ERROR, str(err)))
+                raise
+
+    async def _backend_call(self, action: Action) -> None:
         if action.kind == "start":
             await self.backend.start(action.size)
         elif action.kind == "route":
-            if not await self.backend.is_ready(action.size):  # never route to an engine that cannot serve
-                raise _NotReadyError(f"tp{action.size} is not ready yet")
             await self.backend.route_to(action.size)
         else:
             await self.backend.stop(action.size)
