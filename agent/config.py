@@ -42,6 +42,14 @@ def _problem(field: str, value: Any, message: str) -> str:
     return f"{env_name(field)}={value!r}: {message}"
 
 
+def in_catalog(value: str, info: ValidationInfo) -> str:
+    """A `gpu` or `model` field's value, refused unless the catalog knows it."""
+    known = GPUS if info.field_name == "gpu" else MODELS
+    if value not in known:
+        raise ValueError(f"must be one of {', '.join(sorted(known))}")
+    return value
+
+
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -138,10 +146,7 @@ class Settings(BaseSettings):
     @field_validator("gpu", "model")
     @classmethod
     def _in_catalog(cls, value: str, info: ValidationInfo) -> str:
-        known = GPUS if info.field_name == "gpu" else MODELS
-        if value not in known:
-            raise ValueError(f"must be one of {', '.join(sorted(known))}")
-        return value
+        return in_catalog(value, info)
 
     @field_validator("policy")
     @classmethod

@@ -13,8 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agent.catalog import GPUS, MODELS
-from agent.config import LOG_LEVELS, ConfigError, read_settings, settings_table_markdown
+from agent.config import LOG_LEVELS, ConfigError, in_catalog, read_settings, settings_table_markdown
 
 COORDINATOR_PREFIX = "THROTTLLEM_COORDINATOR_"
 
@@ -64,10 +63,7 @@ class CoordinatorSettings(BaseSettings):
     @field_validator("gpu", "model")
     @classmethod
     def _in_catalog(cls, value: str, info: ValidationInfo) -> str:
-        known = GPUS if info.field_name == "gpu" else MODELS
-        if value not in known:
-            raise ValueError(f"must be one of {', '.join(sorted(known))}")
-        return value
+        return in_catalog(value, info)
 
     @field_validator("sizes")
     @classmethod

@@ -7,7 +7,7 @@ They are coroutines because opening NVML or an HTTP endpoint blocks or does I/O.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 from agent.domain import GpuSpec
@@ -111,14 +111,7 @@ async def _dry_run(
     if twin_url is not None:
         return await DryRunActuator.observing(await TwinActuator.open(twin_url))
     if uuid is not None or index is not None:
-        try:
-            observed = await NvmlActuator.open(uuid=uuid, index=index)
-        except GpuControlError as err:
-            if gpu_spec is None:
-                raise
-            log.warning("dry-run without NVML, clocks from the catalog's %s: %s", gpu_spec.name, err)
-            return DryRunActuator.from_spec(gpu_spec)
-        return await DryRunActuator.observing(observed)
+        return await _observing_nvml(partial(NvmlActuator.open, uuid=uuid, index=index), gpu_spec)
     if gpu_spec is not None:
         return DryRunActuator.from_spec(gpu_spec)
     raise ValueError("a dryrun actuator needs uuid or index (NVML, read-only), twin_url, or gpu_spec")
@@ -144,14 +137,11 @@ async def open_engine_actuator(
     if kind == "nvml":
         return await ActuatorGroup.of(await _open_nvml_actuators(uuids))
     if kind == "dryrun":
-        try:
-            observed = await ActuatorGroup.of(await _open_nvml_actuators(uuids))
-        except GpuControlError as err:
-            if gpu_spec is None:
-                raise
-            log.warning("dry-run without NVML, clocks from the catalog's %s: %s", gpu_spec.name, err)
-            return DryRunActuator.from_spec(gpu_spec)
-        return await DryRunActuator.observing(observed)
+
+        async def group() -> Actuator:
+            return await ActuatorGroup.of(await _open_nvml_actuators(uuids))
+
+        return await _observing_nvml(group, gpu_spec)
     raise ValueError(f"unknown actuator kind {kind!r}; allowed: {', '.join(ACTUATOR_KINDS)}")
 
 
@@ -181,6 +171,20 @@ async def open_engine_meter(
         case _:
             raise ValueError(f"unknown meter kind {kind!r}; allowed: {', '.join(METER_KINDS)}")
     return MeterGroup(await open_all(openers, lambda meter: meter.close()))
+
+
+async def _observing_nvml(
+    open_nvml: Callable[[], Awaitable[Actuator]], gpu_spec: GpuSpec | None
+) -> DryRunActuator:
+    """Dry-run observing NVML read-only; without usable NVML, the catalog's clocks for `gpu_spec`."""
+    try:
+        observed = await open_nvml()
+    except GpuControlError as err:
+        if gpu_spec is None:
+            raise
+        log.warning("dry-run without NVML, clocks from the catalog's %s: %s", gpu_spec.name, err)
+        return DryRunActuator.from_spec(gpu_spec)
+    return await DryRunActuator.observing(observed)
 
 
 def _required(value: str | None, what: str, kind: str) -> str:
