@@ -148,15 +148,20 @@ class Coordinator:
         """One period: retry what failed, switch to a ready shadow, decide on load, stop drained engines."""
         assert self.state is not None, "call start() first"
         now = self.clock()
-        if not await self._run_pending(now):
+        if not await self._run_pending(now):  # what failed last period goes first, alone
             return
         shadow = self.state.shadow_size if self.state.mode is ScalingMode.STARTING else None
         if shadow is not None and await self._ready(shadow):
-            await self._observe(ShadowReady(now, shadow), now)
+            self._observe(ShadowReady(now, shadow), now)
+            if not await self._run_pending(now):
+                return
         rate = await self._arrival_rate(now)
         if rate is not None:
-            await self._observe(LoadObserved(now, rate), now)
+            self._observe(LoadObserved(now, rate), now)
+            if not await self._run_pending(now):
+                return
         await self._stop_drained(now)
+        await self._run_pending(now)
 
     async def _ready(self, size: int) -> bool:
         try:
@@ -177,7 +182,8 @@ class Coordinator:
         self.record.last_rate_rps = rate
         return rate
 
-    async def _observe(self, event: ScalingEvent, now: float) -> None:
+    def _observe(self, event: ScalingEvent, now: float) -> None:
+        """Advance the state machine; what it decides joins the pending actions."""
         assert self.state is not None
         serving_before = self.state.size
         self.state, decision = transition(self.state, event)
@@ -196,7 +202,6 @@ class Coordinator:
             self.draining[serving_before] = now
             self.draining.pop(size, None)
             self._rate.reset()  # the arrival counter to read is the new engine's
-        await self._run_pending(now)
 
     async def _run_pending(self, now: float) -> bool:
         """Carry out pending actions in order; False when one failed (it stays, with those after it)."""
@@ -256,4 +261,3 @@ class Coordinator:
             )
             self._pending.append(Action("stop", size, reason))
             del self.draining[size]
-        await self._run_pending(now)
