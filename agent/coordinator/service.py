@@ -19,10 +19,12 @@ finishes it rather than starting over.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -117,8 +119,15 @@ class Coordinator:
         self._tracer = (tracer_provider or trace.NoOpTracerProvider()).get_tracer(TRACER_NAME)
 
     async def start(self) -> None:
-        """Rebuild where things stand from the backend; route to the initial size if nothing is."""
+        """Rebuild where things stand from the backend; route to the initial size if nothing is.
+
+        Called again after a lapse of leadership, it forgets what it had planned: the backend,
+        which another coordinator may have changed meanwhile, is the truth.
+        """
         now = self.clock()
+        self._pending.clear()
+        self.draining.clear()
+        self._rate.reset()
         routed = await self.backend.routed_size()
         serving = routed if routed is not None else self.initial_size
         self.state = initial_state(self.scaling, serving, now)
@@ -261,3 +270,36 @@ class Coordinator:
             )
             self._pending.append(Action("stop", size, reason))
             del self.draining[size]
+
+
+class Elector(Protocol):
+    """Who may act: a Lease on Kubernetes (`agent.coordinator.lease`)."""
+
+    async def hold(self) -> bool:
+        """Acquire or renew leadership; whether this coordinator may act until the next call."""
+        ...
+
+
+async def lead(
+    coordinator: Coordinator,
+    elector: Elector,
+    period_s: float,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
+    """Tick `coordinator` every period in which it leads; rebuild its state each time it gains the lead."""
+    leading = False
+    while True:
+        try:
+            holds = await elector.hold()
+        except BackendError as err:
+            log.warning("leadership unknown, not acting this period: %s", err)
+            holds = False
+        if holds and not leading:
+            log.info("leading: reading where engines stand")
+            await coordinator.start()
+        elif holds:
+            await coordinator.tick()
+        elif leading:
+            log.warning("lost the lead: another coordinator acts now")
+        leading = holds
+        await sleep(period_s)

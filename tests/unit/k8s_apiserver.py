@@ -97,6 +97,8 @@ class ApiServer:
             tuple[str, str], int
         ] = {}  # (method, "deployments/scale" | "services" ...) -> HTTP status
         self.validated = 0
+        self.leases: dict[str, dict[str, Any]] = {}
+        self._version = 0
         self.content_types: set[str] = set()
         for obj in [*self.deployments.values(), *self.services.values()]:
             self._validate(obj)
@@ -110,7 +112,58 @@ class ApiServer:
         app.router.add_get("/api/v1/namespaces/{ns}/services/{name}", self.get_service)
         app.router.add_patch("/api/v1/namespaces/{ns}/services/{name}", self.patch_service)
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self.list_pods)
+        leases = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+        app.router.add_get(leases + "/{name}", self.get_lease)
+        app.router.add_put(leases + "/{name}", self.replace_lease)
+        app.router.add_post(leases, self.create_lease)
         return app
+
+    async def get_lease(self, request: web.Request) -> web.Response:
+        def lease() -> dict[str, Any]:
+            self._namespace(request)
+            name = request.match_info["name"]
+            if name not in self.leases:
+                raise _NotFound(f'leases.coordination.k8s.io "{name}" not found')
+            return self.leases[name]
+
+        return self._answer(request, "leases", lease)
+
+    async def create_lease(self, request: web.Request) -> web.Response:
+        body = await request.json()
+
+        def create() -> dict[str, Any]:
+            self._namespace(request)
+            name = body["metadata"]["name"]
+            if name in self.leases:
+                raise _Conflict(f'leases.coordination.k8s.io "{name}" already exists')
+            return self._store_lease(name, body)
+
+        return self._answer(request, "leases", create)
+
+    async def replace_lease(self, request: web.Request) -> web.Response:
+        body = await request.json()
+
+        def replace() -> dict[str, Any]:
+            self._namespace(request)
+            name = request.match_info["name"]
+            current = self.leases.get(name)
+            if current is None:
+                raise _NotFound(f'leases.coordination.k8s.io "{name}" not found')
+            if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                raise _Conflict(
+                    "the object has been modified; please apply your changes to the latest version"
+                )
+            return self._store_lease(name, body)
+
+        return self._answer(request, "leases", replace)
+
+    def _store_lease(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._version += 1
+        lease = {**body, "apiVersion": "coordination.k8s.io/v1", "kind": "Lease"}
+        lease["metadata"] = {**body["metadata"], "resourceVersion": str(self._version)}
+        self._validate(lease)
+        self.leases[name] = lease
+        return lease
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -241,9 +294,15 @@ class ApiServer:
             return web.json_response(produce())
         except _NotFound as err:
             return _status(404, "NotFound", str(err))
+        except _Conflict as err:
+            return _status(409, "Conflict", str(err))
 
 
 class _NotFound(Exception):
+    pass
+
+
+class _Conflict(Exception):
     pass
 
 

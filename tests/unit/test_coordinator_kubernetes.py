@@ -163,3 +163,120 @@ def test_the_stand_in_refuses_what_the_real_api_server_would():
     }
     with pytest.raises(Exception, match="'one' is not of type"):
         api._validate(bad)
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_candidate_holds_the_lease_and_another_takes_it_only_once_it_lapses():
+    from agent.coordinator.lease import LeaseElector
+
+    async def scenario():
+        async with cluster({1: 1}, routed=1) as (api, backend, _):
+            wall = WallClock()
+            api_client = backend.apps.api_client
+            a = LeaseElector(api_client, NAMESPACE, "coordinator-a", lease_s=30, clock=wall)
+            b = LeaseElector(api_client, NAMESPACE, "coordinator-b", lease_s=30, clock=wall)
+            assert await a.hold() and not await b.hold()
+            wall.now += 20
+            assert await a.hold() and not await b.hold(), "renewed: b still waits"
+            wall.now += 31  # a stops renewing (killed) and the lease lapses
+            assert await b.hold() and not await a.hold()
+            lease = api.leases["throttllem-coordinator"]
+            return lease
+
+    lease = asyncio.run(scenario())
+    assert lease["spec"]["holderIdentity"] == "coordinator-b" and lease["spec"]["leaseTransitions"] == 1
+
+
+def test_two_candidates_racing_for_a_lapsed_lease_get_one_leader():
+    from agent.coordinator.lease import LeaseElector
+
+    async def scenario():
+        async with cluster({1: 1}, routed=1) as (_, backend, _sidecars):
+            wall = WallClock()
+            api_client = backend.apps.api_client
+            old = LeaseElector(api_client, NAMESPACE, "old", lease_s=5, clock=wall)
+            assert await old.hold()
+            wall.now += 10
+            a = LeaseElector(api_client, NAMESPACE, "a", lease_s=5, clock=wall)
+            b = LeaseElector(api_client, NAMESPACE, "b", lease_s=5, clock=wall)
+            return await asyncio.gather(a.hold(), b.hold())
+
+    assert sorted(asyncio.run(scenario())) == [False, True]
+
+
+class Beat:
+    """`lead`'s sleep, driven by the test: one call of `period()` lets one period run."""
+
+    def __init__(self) -> None:
+        self.go, self.done = asyncio.Event(), asyncio.Event()
+
+    async def sleep(self, _: float) -> None:
+        self.done.set()
+        await self.go.wait()
+        self.go.clear()
+
+    async def period(self) -> None:
+        self.done.clear()
+        self.go.set()
+        await self.done.wait()
+
+
+def test_two_coordinators_never_act_at_once_and_the_second_takes_over_when_the_first_dies():
+    from agent.coordinator.lease import LeaseElector
+    from agent.coordinator.service import lead
+
+    async def scenario():
+        async with cluster({1: 1, 2: 0}, routed=1, ready_after=1) as (api, backend, sidecars):
+            wall, clock = WallClock(), Clock()
+            api_client = backend.apps.api_client
+            names = ("a", "b")
+            electors = {n: LeaseElector(api_client, NAMESPACE, n, lease_s=25, clock=wall) for n in names}
+            beats = {n: Beat() for n in names}
+            tasks = {
+                n: asyncio.create_task(
+                    lead(
+                        Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock),
+                        electors[n],
+                        PERIOD,
+                        beats[n].sleep,
+                    )
+                )
+                for n in names
+            }
+            for n in names:
+                await beats[n].done.wait()
+            first = next(n for n in names if electors[n].leader)
+            history, dead = [], set()
+            for period in range(12):
+                if period == 3:
+                    tasks[first].cancel()  # the leader dies mid-run, holding the lease
+                    dead.add(first)
+                sidecars.arrived += (4.0 if period >= 5 else 1.0) * PERIOD
+                clock.now += PERIOD
+                wall.now += PERIOD
+                alive = [n for n in names if n not in dead]
+                assert not any(tasks[n].done() for n in alive), "a coordinator's loop died"
+                for n in alive:
+                    await beats[n].period()
+                leaders = [n for n in alive if electors[n].leader]
+                assert len(leaders) <= 1, f"period {period}: {leaders} lead together"
+                history.append(leaders)
+            for task in tasks.values():
+                task.cancel()
+            return first, history, api
+
+    first, history, api = asyncio.run(scenario())
+    (second,) = {"a", "b"} - {first}
+    assert history[:3] == [[first]] * 3 and history[-1] == [second], history
+    assert [second] not in history[:4], "the other waits for the dead leader's lease to lapse"
+    assert api.leases["throttllem-coordinator"]["spec"]["holderIdentity"] == second
+    assert routed(api) == "2" and replicas(api)["triton-tp1"] == 0, (
+        "the new leader carried the resize through"
+    )
