@@ -37,8 +37,11 @@ def capacities_of(settings: CoordinatorSettings) -> dict[int, float]:
     return capacities
 
 
-def setups_of(settings: CoordinatorSettings) -> dict[int, Any]:
-    """The twin of every size (the local backend serves these)."""
+def setups_of(settings: CoordinatorSettings, *, check_policy: bool = False) -> dict[int, Any]:
+    """The twin of every size (for capacity keys, and what the local backend serves).
+
+    With `check_policy`, a sidecar policy that cannot run on some size is refused up front.
+    """
     from agent.catalog import gpu_spec, model_spec
     from agent.policy_registry import ServedEngine, check_live_policy
     from agent.twin.setup import TwinSetup
@@ -49,6 +52,8 @@ def setups_of(settings: CoordinatorSettings) -> dict[int, Any]:
     }
     for size, setup in setups.items():
         setup.kv_blocks()  # refuses a size the model does not fit
+        if not check_policy:
+            continue
         try:
             check_live_policy(
                 settings.policy, ServedEngine(setup.gpu, settings.model, size, settings.models_dir)
@@ -60,22 +65,53 @@ def setups_of(settings: CoordinatorSettings) -> dict[int, Any]:
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
     """Validate the settings, then size engines until SIGTERM/SIGINT."""
-    from agent.bench.local_backend import serve_local
-    from agent.bench.processes import SidecarSpec, cancel_on_sigterm
+    from agent.bench.processes import cancel_on_sigterm
     from agent.control.scaling import ScalingConfig
-    from agent.coordinator.service import Coordinator
     from agent.telemetry import resource_with, tracing_for
 
     overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     settings = load_coordinator_settings(overrides)
     configure_logging(settings.log_level, args.json_logs)
-    setups = setups_of(settings)
     scaling = ScalingConfig(
         tuple(capacities_of(settings).items()), settings.headroom, settings.grace_s, settings.shadow_timeout_s
     )
     tracing = tracing_for(
         lambda: resource_with({"service.name": "throttllem-coordinator", "throttllem.model": settings.model})
     )
+
+    def announce(ports: dict[str, Any]) -> None:
+        print(json.dumps({"event": "listening", **ports}), flush=True)
+
+    if settings.backend == "kubernetes":
+        from agent.coordinator.app import serve_kubernetes
+
+        work = serve_kubernetes(settings, scaling, tracing.provider, announce)
+    else:
+        work = _local(settings, scaling, tracing.provider, args.log_dir, announce)
+    try:
+        asyncio.run(cancel_on_sigterm(work))
+    except asyncio.CancelledError:
+        pass
+    except Exception as err:  # the API server's or kubeconfig's errors: one line, not a traceback
+        from kubernetes_asyncio.config.config_exception import ConfigException
+
+        if isinstance(err, ConfigException):
+            raise CliError(str(err)) from None
+        raise
+    finally:
+        tracing.shutdown()
+    return 0
+
+
+def _local(
+    settings: CoordinatorSettings, scaling: Any, tracer_provider: Any, log_dir: Path, announce: Any
+) -> Any:
+    """The local backend's serve coroutine: a twin + sidecar pair per size behind a router."""
+    from agent.bench.local_backend import serve_local
+    from agent.bench.processes import SidecarSpec
+    from agent.coordinator.service import Coordinator
+
+    setups = setups_of(settings, check_policy=True)
 
     def coordinator_for(backend: Any) -> Coordinator:
         return Coordinator(
@@ -84,29 +120,22 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             initial_size=settings.first_size,
             drain_timeout_s=settings.drain_timeout_s,
             min_drain_s=settings.min_drain_s,
-            tracer_provider=tracing.provider,
+            tracer_provider=tracer_provider,
         )
 
     spec = SidecarSpec(policy=settings.policy, slo=settings.slo, models_dir=settings.models_dir)
-    work = serve_local(
+    return serve_local(
         coordinator_for,
         setups,
         spec,
-        log_dir=args.log_dir,
+        log_dir=log_dir,
         period_s=settings.period_s,
         host=settings.host,
         port=settings.port,
         router_host=settings.router_host,
         router_port=settings.router_port,
-        announce=lambda ports: print(json.dumps({"event": "listening", **ports}), flush=True),
+        announce=announce,
     )
-    try:
-        asyncio.run(cancel_on_sigterm(work))
-    except asyncio.CancelledError:
-        pass
-    finally:
-        tracing.shutdown()
-    return 0
 
 
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:

@@ -28,8 +28,9 @@ class CoordinatorSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=COORDINATOR_PREFIX, extra="ignore", frozen=True)
 
-    backend: Literal["local"] = Field(
-        "local", description="where engines run: local (processes on loopback; Kubernetes comes next)"
+    backend: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="where engines run: local (processes on loopback) | kubernetes (a Deployment per size)",
     )
     gpu: str = Field("a100-sxm4-40gb", description="GPU of every engine (catalog name)")
     model: str = Field("llama2-13b", description="served model (catalog name)")
@@ -55,9 +56,20 @@ class CoordinatorSettings(BaseSettings):
     min_drain_s: float = Field(10.0, ge=0.0, description="a draining engine waits at least this long")
     host: str = Field("0.0.0.0", description="address of the coordinator's /healthz and /metrics")
     port: int = Field(9500, ge=0, le=65535, description="port of /healthz and /metrics")
-    router_host: str = Field("127.0.0.1", description="local backend: address clients send requests to")
-    router_port: int = Field(9100, ge=0, le=65535, description="local backend: the router's port")
-    policy: str = Field("throttllem", description="local backend: the clock policy of every sidecar")
+    router_host: str = Field("127.0.0.1", description="local: address clients send requests to")
+    router_port: int = Field(9100, ge=0, le=65535, description="local: the router's port")
+    policy: str = Field("throttllem", description="local: the clock policy of every sidecar")
+    namespace: str | None = Field(
+        None, description="kubernetes: the engines' namespace; unset: the coordinator pod's own"
+    )
+    service: str = Field("triton", description="kubernetes: the Service whose selector moves between sizes")
+    lease_name: str = Field(
+        "throttllem-coordinator", description="kubernetes: the Lease coordinators elect by"
+    )
+    lease_s: int = Field(30, ge=2, le=600, description="kubernetes: a lapsed Lease is taken over after this")
+    identity: str | None = Field(
+        None, description="kubernetes: this candidate's name; unset: the pod's HOSTNAME"
+    )
     log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
 
     @field_validator("gpu", "model")
@@ -114,6 +126,11 @@ class CoordinatorSettings(BaseSettings):
                     f"{coordinator_env('capacities')}={self.capacities!r}: must give every size of "
                     f"{coordinator_env('sizes')}={self.sizes} and no other"
                 )
+        if self.backend == "kubernetes" and self.lease_s <= self.period_s:
+            problems.append(
+                f"{coordinator_env('lease_s')}={self.lease_s}: must exceed {coordinator_env('period_s')}="
+                f"{self.period_s}, or the Lease lapses between renewals"
+            )
         if self.min_drain_s > self.drain_timeout_s:
             problems.append(
                 f"{coordinator_env('min_drain_s')}={self.min_drain_s}: must not exceed "

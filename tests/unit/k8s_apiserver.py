@@ -98,6 +98,7 @@ class ApiServer:
         ] = {}  # (method, "deployments/scale" | "services" ...) -> HTTP status
         self.validated = 0
         self.leases: dict[str, dict[str, Any]] = {}
+        self.calls: set[tuple[str, str, str]] = set()  # (API group, resource, RBAC verb) of every request
         self._version = 0
         self.content_types: set[str] = set()
         for obj in [*self.deployments.values(), *self.services.values()]:
@@ -287,6 +288,20 @@ class ApiServer:
         self.validated += 1
 
     def _answer(self, request: web.Request, resource: str, produce: Any) -> web.Response:
+        verb = {
+            "GET": "list" if resource == "pods" else "get",
+            "PATCH": "patch",
+            "POST": "create",
+            "PUT": "update",
+        }
+        group = (
+            "apps"
+            if resource.startswith("deployments")
+            else "coordination.k8s.io"
+            if resource == "leases"
+            else ""
+        )
+        self.calls.add((group, resource, verb[request.method]))
         failure = self.fail.pop((request.method, resource), None)
         if failure is not None:
             return _status(failure, "Conflict" if failure == 409 else "InternalError", f"injected {failure}")

@@ -4,6 +4,7 @@ never becomes ready."""
 
 import asyncio
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -280,3 +281,56 @@ def test_two_coordinators_never_act_at_once_and_the_second_takes_over_when_the_f
     assert routed(api) == "2" and replicas(api)["triton-tp1"] == 0, (
         "the new leader carried the resize through"
     )
+
+
+def test_the_shipped_role_grants_exactly_the_calls_the_coordinator_makes():
+    import shutil
+    import subprocess
+
+    import kubernetes_validate
+    import yaml
+
+    from agent.coordinator.lease import LeaseElector
+    from agent.coordinator.service import lead
+
+    async def scenario():
+        async with cluster({1: 1, 2: 0}, routed=1, ready_after=1) as (api, backend, sidecars):
+            clock, wall = Clock(), WallClock()
+            coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
+            elector = LeaseElector(backend.apps.api_client, NAMESPACE, "a", lease_s=25, clock=wall)
+            beat = Beat()
+            task = asyncio.create_task(lead(coordinator, elector, PERIOD, beat.sleep))
+            await beat.done.wait()
+            for rate in (1.0, 4.0, 4.0, 4.0, 4.0):
+                sidecars.arrived += rate * PERIOD
+                clock.now += PERIOD
+                wall.now += PERIOD
+                await beat.period()
+            task.cancel()
+            assert routed(api) == "2" and replicas(api)["triton-tp1"] == 0
+            return api.calls
+
+    calls = asyncio.run(scenario())
+    manifests = Path(__file__).parents[2] / "deploy" / "k8s" / "coordinator"
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        texts = [(manifests / name).read_text() for name in ("rbac.yaml", "deployment.yaml")]
+    else:
+        argv = [kubectl, "kustomize", str(manifests)]
+        texts = [subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout]
+    docs = [d for text in texts for d in yaml.safe_load_all(text) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert calls == granted, (
+        f"missing from the Role: {calls - granted}; granted but unused: {granted - calls}"
+    )
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == role["metadata"]["name"]

@@ -147,7 +147,10 @@ def test_every_yaml_and_json_file_parses() -> None:
 
 
 def test_every_throttllem_variable_is_a_setting() -> None:
+    from agent.coordinator.settings import CoordinatorSettings, coordinator_env
+
     known = {env_name(field) for field in Settings.model_fields}
+    known |= {coordinator_env(field) for field in CoordinatorSettings.model_fields}
     used: dict[str, set[str]] = {}
     for path in DEPLOY.rglob("*"):
         if path.is_file():
