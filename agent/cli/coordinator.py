@@ -109,19 +109,13 @@ def _local(
     """The local backend's serve coroutine: a twin + sidecar pair per size behind a router."""
     from agent.bench.local_backend import serve_local
     from agent.bench.processes import SidecarSpec
+    from agent.coordinator.app import build_coordinator
     from agent.coordinator.service import Coordinator
 
     setups = setups_of(settings, check_policy=True)
 
     def coordinator_for(backend: Any) -> Coordinator:
-        return Coordinator(
-            backend,
-            scaling,
-            initial_size=settings.first_size,
-            drain_timeout_s=settings.drain_timeout_s,
-            min_drain_s=settings.min_drain_s,
-            tracer_provider=tracer_provider,
-        )
+        return build_coordinator(settings, backend, scaling, tracer_provider)
 
     spec = SidecarSpec(policy=settings.policy, slo=settings.slo, models_dir=settings.models_dir)
     return serve_local(

@@ -1,7 +1,8 @@
-"""`throttllem coordinator` on Kubernetes: the API client, the backend, the Lease, and the loop.
+"""`throttllem coordinator` wiring: the coordinator from its settings, and the Kubernetes run.
 
-In a pod the service account's credentials and namespace are used (in-cluster config); outside
-one, the current kubeconfig context. The coordinator acts only while it holds the Lease.
+On Kubernetes: the API client, the backend, the Lease and the loop. In a pod the service
+account's credentials and namespace are used (in-cluster config); outside one, the current
+kubeconfig context. The coordinator acts only while it holds the Lease.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from opentelemetry import trace
 
 from agent.control.scaling import ScalingConfig
+from agent.coordinator.backend import ScaleBackend
 from agent.coordinator.http_api import build_coordinator_app
 from agent.coordinator.kubernetes import KubernetesBackend
 from agent.coordinator.lease import LeaseElector
@@ -45,6 +47,23 @@ async def api_client() -> client.ApiClient:
     return client.ApiClient()
 
 
+def build_coordinator(
+    settings: CoordinatorSettings,
+    backend: ScaleBackend,
+    scaling: ScalingConfig,
+    tracer_provider: trace.TracerProvider,
+) -> Coordinator:
+    """The coordinator `settings` describe, acting through `backend`."""
+    return Coordinator(
+        backend,
+        scaling,
+        initial_size=settings.first_size,
+        drain_timeout_s=settings.drain_timeout_s,
+        min_drain_s=settings.min_drain_s,
+        tracer_provider=tracer_provider,
+    )
+
+
 def namespace_of(settings: CoordinatorSettings) -> str:
     """The configured namespace, else the pod's own, else `default`."""
     if settings.namespace:
@@ -67,14 +86,7 @@ async def serve_kubernetes(
         api = await stack.enter_async_context(await api_client())
         backend = KubernetesBackend(api, namespace, settings.tp_sizes, service=settings.service)
         stack.push_async_callback(backend.close)
-        coordinator = Coordinator(
-            backend,
-            scaling,
-            initial_size=settings.first_size,
-            drain_timeout_s=settings.drain_timeout_s,
-            min_drain_s=settings.min_drain_s,
-            tracer_provider=tracer_provider,
-        )
+        coordinator = build_coordinator(settings, backend, scaling, tracer_provider)
         elector = LeaseElector(api, namespace, identity, name=settings.lease_name, lease_s=settings.lease_s)
         runner = web.AppRunner(build_coordinator_app(coordinator), access_log=None)
         await runner.setup()
