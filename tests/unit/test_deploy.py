@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -296,6 +297,9 @@ def test_otel_overlay_exports_over_http_with_pod_attributes() -> None:
     assert {"metadata.name", "spec.nodeName"} <= field_paths
 
 
+K8S_SCHEMA_VERSION = "1.30"  # the oldest Kubernetes release these manifests are checked against
+
+
 def kustomize(overlay: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     assert kubectl is not None
@@ -325,6 +329,9 @@ def test_kustomize_renders(overlay: Path, actuator: str, privileged: bool) -> No
     assert config_map["data"]["THROTTLLEM_ACTUATOR"] == actuator
     assert ("SYS_ADMIN" in sidecar["securityContext"]["capabilities"].get("add", [])) is privileged
     assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service", "ServiceMonitor"}
+    for doc in docs:
+        if doc["kind"] != "ServiceMonitor":  # a Prometheus Operator CRD: not in the Kubernetes schemas
+            kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
 
 
 # --- Docker -------------------------------------------------------------------------------------
