@@ -50,6 +50,13 @@ def in_catalog(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def log_level(value: str) -> str:
+    """A log level's name in capitals, refused unless logging knows it as one of ours."""
+    if value.upper() not in LOG_LEVELS:
+        raise ValueError(f"must be one of {' | '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -200,9 +207,7 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
-        if value.upper() not in LOG_LEVELS:
-            raise ValueError(f"must be one of {' | '.join(LOG_LEVELS)}")
-        return value.upper()
+        return log_level(value)
 
     def sidecar_problems(self) -> list[str]:
         """What stops the sidecar running with these settings together; each names a variable."""

@@ -15,6 +15,7 @@ the matching entry.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,6 +162,16 @@ def load_capacity(models_dir: Path, setup: TwinSetup, key: CapacityKey) -> Capac
     raise CapacityProfileError(
         f"no capacity profile of tp{setup.tp} for {key} in {path}; run: {key.command(setup)}"
     )
+
+
+def load_capacities(
+    models_dir: Path, setups: Mapping[int, TwinSetup], trace: str, preset: SloPreset, max_tokens: int
+) -> dict[int, CapacityProfile]:
+    """Every size's stored profile for the same trace, SLO and client cap, smallest size first."""
+    return {
+        size: load_capacity(models_dir, setup, CapacityKey.of(setup, trace, preset, max_tokens))
+        for size, setup in sorted(setups.items())
+    }
 
 
 def _entries(path: Path) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import numpy as np
 from agent.bench.demo_plan import DemoConfig, DemoWorkload, plan_workload, plot_title, title_of
 from agent.bench.live_run import LiveRun, LiveRunError, LiveRunSpec, LiveState, mean_busy_clock_mhz, run_live
 from agent.bench.replay import replay_slo, run_policy
-from agent.bench.report import RunRecord, write_plots
+from agent.bench.report import RunRecord, jsonable, write_plots
 from agent.policy_registry import build_policy
 from agent.sim.policies import policy_context
 
@@ -193,7 +193,7 @@ def write_demo_report(
     """summary.json, report.md and the three plots; returns the plot file names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(out_dir, records, PLOT_LABEL, short_title)
-    document = _jsonable({**summary, "plots": plots})
+    document = jsonable({**summary, "plots": plots})
     (out_dir / "summary.json").write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(_markdown(summary, plots, title))
     return plots
@@ -277,19 +277,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: NaN becomes null, numpy scalars become Python numbers."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 async def run_demo(
     config: DemoConfig, on_update: Callable[[LiveState], None], phase: PhaseReporter
 ) -> dict[str, Any]:
@@ -317,4 +304,4 @@ async def run_demo(
     summary["plots"] = write_demo_report(
         config.out_dir, summary, records, title_of(config, workload), plot_title(config, workload)
     )
-    return _jsonable(summary)
+    return jsonable(summary)

@@ -23,20 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
 from agent.bench.processes import ProcessGroup, Sidecar, SidecarSpec, Twin, start_sidecar, start_twin
 from agent.bench.router import Router
-from agent.coordinator.backend import BackendError
+from agent.coordinator.backend import BackendError, SidecarLoadReader
 from agent.coordinator.http_api import build_coordinator_app
-from agent.coordinator.load import EngineLoad, LoadUnreadableError, parse_load
+from agent.coordinator.load import EngineLoad
 from agent.coordinator.service import Coordinator
+from agent.sidecar.app import listen
 from agent.twin.setup import TwinSetup
 
 log = logging.getLogger(__name__)
-
-READ_TIMEOUT_S = 5.0
 
 
 @dataclass(slots=True)
@@ -61,7 +57,7 @@ class LocalBackend:
     time_scale: float = 1.0  # the twins' wall time per engine second (see `twin serve --time-scale`)
     engines: dict[int, LocalEngine] = field(default_factory=dict)
     routed: int | None = None
-    _session: aiohttp.ClientSession | None = None
+    _sidecars: SidecarLoadReader = field(default_factory=SidecarLoadReader)
 
     async def routed_size(self) -> int | None:
         """The size the router points at."""
@@ -107,13 +103,7 @@ class LocalBackend:
 
     async def load(self, size: int) -> EngineLoad:
         """The size's sidecar's load figures."""
-        sidecar = self._sidecar(size)
-        try:
-            async with self._client().get(sidecar.metrics_url) as response:
-                response.raise_for_status()
-                return parse_load(await response.text())
-        except (aiohttp.ClientError, TimeoutError, LoadUnreadableError) as err:
-            raise BackendError(f"could not read the load of tp{size}: {err}") from err
+        return await self._sidecars.read(self._sidecar(size).metrics_url)
 
     async def stop(self, size: int) -> None:
         """Stop the size's sidecar (it resets the clocks), then its twin; nothing if it is gone."""
@@ -131,27 +121,13 @@ class LocalBackend:
 
     async def close(self) -> None:
         """Close the HTTP session (the group stops the processes)."""
-        if self._session is not None:
-            await self._session.close()
+        await self._sidecars.close()
 
     def _sidecar(self, size: int) -> Sidecar:
         engine = self.engines.get(size)
         if engine is None or engine.sidecar is None:
             raise BackendError(f"tp{size} is not running")
         return engine.sidecar
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S))
-        return self._session
-
-
-async def _listen(app: web.Application, host: str, port: int, stack: contextlib.AsyncExitStack) -> int:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, host, port).start()
-    return int(runner.addresses[0][1])
 
 
 async def serve_local(
@@ -175,8 +151,8 @@ async def serve_local(
         stack.push_async_callback(backend.close)
         coordinator = coordinator_for(backend)
         ports = {
-            "port": await _listen(build_coordinator_app(coordinator), host, port, stack),
-            "router_port": await _listen(router.app(), router_host, router_port, stack),
+            "port": await listen(build_coordinator_app(coordinator), host, port, stack, access_log=None),
+            "router_port": await listen(router.app(), router_host, router_port, stack, access_log=None),
         }
         await coordinator.start()
         announce(ports)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.capacities import CapacityKey, CapacityProfile, load_capacity
+from agent.bench.capacities import CapacityProfile, load_capacities
 from agent.bench.replay import (
     MEASURED_E2E,
     PeakSearch,
@@ -198,12 +198,7 @@ def _meets(record: PoolRecord, slo: ReplaySlo) -> bool:
 def pool_replay(config: PoolReplayConfig, bars: ProgressBars) -> PoolOutcome:
     """Scale the window, find the provisioned size, then run every planned run on the same arrivals."""
     largest = max(config.setups)
-    caps = {
-        size: load_capacity(
-            config.models_dir, setup, CapacityKey.of(setup, config.trace, config.preset, config.max_tokens)
-        )
-        for size, setup in sorted(config.setups.items())
-    }
+    caps = load_capacities(config.models_dir, config.setups, config.trace, config.preset, config.max_tokens)
     busiest = busiest_minute_rps(config.workload)
     slo = _slo(config, largest)
     peak: PeakSearch | None = None

@@ -20,21 +20,20 @@ DEFAULT_LOG_DIR = Path(tempfile.gettempdir()) / "throttllem-coordinator"
 
 def capacities_of(settings: CoordinatorSettings) -> dict[int, float]:
     """Each size's capacity: given, or from its capacity.json profile beside the IPS model."""
-    from agent.bench.capacities import CapacityKey, CapacityProfileError, load_capacity
+    from agent.bench.capacities import CapacityProfileError, load_capacities
     from agent.cli.simulate import PREDICTIVE_MAX_TOKENS
     from agent.slo_presets import load_slo_preset
 
     if settings.capacities is not None:
         return parse_capacities(settings.capacities)
     preset = load_slo_preset(settings.slo, settings.model)
-    capacities = {}
-    for size, setup in setups_of(settings).items():
-        key = CapacityKey.of(setup, settings.capacity_trace, preset, PREDICTIVE_MAX_TOKENS)
-        try:
-            capacities[size] = load_capacity(settings.models_dir, setup, key).slo_rps
-        except CapacityProfileError as err:
-            raise CliError(f"{err}; or set THROTTLLEM_COORDINATOR_CAPACITIES") from err
-    return capacities
+    try:
+        profiles = load_capacities(
+            settings.models_dir, setups_of(settings), settings.capacity_trace, preset, PREDICTIVE_MAX_TOKENS
+        )
+    except CapacityProfileError as err:
+        raise CliError(f"{err}; or set THROTTLLEM_COORDINATOR_CAPACITIES") from err
+    return {size: profile.slo_rps for size, profile in profiles.items()}
 
 
 def setups_of(settings: CoordinatorSettings, *, check_policy: bool = False) -> dict[int, Any]:

@@ -19,6 +19,7 @@ from agent.cli.common import (
     stdout,
 )
 from agent.config import Settings
+from agent.coordinator.settings import parse_sizes
 from agent.sim.capacity import PROFILE_DURATION_S, PROFILE_START_S
 from agent.sim.pool import SizingKnobs
 from agent.slo_presets import load_slo_preset
@@ -32,12 +33,9 @@ DEFAULT_PEAK_LOAD = 0.8  # 80% of the rate at which stock clocks on the largest 
 def _sizes(text: str) -> tuple[int, ...]:
     """A comma-separated list of TP degrees (argparse type)."""
     try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated TP degrees, got {text!r}") from None
-    if any(size < 1 for size in sizes) or len(set(sizes)) != len(sizes):
-        raise argparse.ArgumentTypeError(f"sizes must be distinct and >= 1, got {text!r}")
-    return sizes
+        return parse_sizes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} {err}") from None
 
 
 def add_pool_args(parser: argparse.ArgumentParser) -> None:

@@ -11,11 +11,39 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from agent.coordinator.load import EngineLoad
+import aiohttp
+
+from agent.coordinator.load import EngineLoad, LoadUnreadableError, parse_load
+
+READ_TIMEOUT_S = 5.0  # a sidecar that does not answer within this is unreadable this period
 
 
 class BackendError(RuntimeError):
     """The backend could not do what was asked; the coordinator retries on its next tick."""
+
+
+class SidecarLoadReader:
+    """Reads engines' load from their sidecars' /metrics pages, over one HTTP session."""
+
+    def __init__(self, timeout_s: float = READ_TIMEOUT_S) -> None:
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def read(self, url: str) -> EngineLoad:
+        """The load figures at `url`; BackendError when they cannot be read."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        try:
+            async with self._session.get(url) as response:
+                response.raise_for_status()
+                return parse_load(await response.text())
+        except (aiohttp.ClientError, TimeoutError, LoadUnreadableError) as err:
+            raise BackendError(f"could not read the load at {url}: {err}") from err
+
+    async def close(self) -> None:
+        """Close the session."""
+        if self._session is not None:
+            await self._session.close()
 
 
 class ScaleBackend(Protocol):

@@ -26,12 +26,11 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from agent.coordinator.backend import BackendError
-from agent.coordinator.load import EngineLoad, LoadUnreadableError, parse_load
+from agent.coordinator.backend import BackendError, SidecarLoadReader
+from agent.coordinator.load import EngineLoad
 
 SIZE_LABEL = "throttllem.dev/tp"
 SIDECAR_PORT = 9401
-READ_TIMEOUT_S = 5.0
 
 
 def deployment_name(size: int) -> str:
@@ -59,7 +58,7 @@ class KubernetesBackend:
         self.service = service
         self.deployment_for = deployment_for
         self.sidecar_port = sidecar_port
-        self._session: aiohttp.ClientSession | None = None
+        self._sidecars = SidecarLoadReader()
 
     async def routed_size(self) -> int | None:
         """The size the Service's selector names; None when it names none."""
@@ -111,7 +110,9 @@ class KubernetesBackend:
         ips = [pod.status.pod_ip for pod in pods.items if pod.status and pod.status.pod_ip and _ready(pod)]
         if not ips:
             raise BackendError(f"tp{size} has no ready pod to read the load of")
-        loads = await asyncio.gather(*(self._pod_load(ip) for ip in ips))
+        loads = await asyncio.gather(
+            *(self._sidecars.read(f"http://{ip}:{self.sidecar_port}/metrics") for ip in ips)
+        )
         return EngineLoad(
             sum(load.arrived_total for load in loads),
             sum(load.held for load in loads),
@@ -120,19 +121,7 @@ class KubernetesBackend:
 
     async def close(self) -> None:
         """Close the HTTP session to the sidecars (the API client is the caller's)."""
-        if self._session is not None:
-            await self._session.close()
-
-    async def _pod_load(self, ip: str) -> EngineLoad:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT_S))
-        url = f"http://{ip}:{self.sidecar_port}/metrics"
-        try:
-            async with self._session.get(url) as response:
-                response.raise_for_status()
-                return parse_load(await response.text())
-        except (aiohttp.ClientError, TimeoutError, LoadUnreadableError) as err:
-            raise BackendError(f"could not read the load at {url}: {err}") from err
+        await self._sidecars.close()
 
     async def _deployment(self, size: int) -> client.V1Deployment:
         name = self.deployment_for(size)

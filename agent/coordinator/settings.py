@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agent.config import LOG_LEVELS, ConfigError, in_catalog, read_settings, settings_table_markdown
+from agent.config import ConfigError, in_catalog, log_level, read_settings, settings_table_markdown
 
 COORDINATOR_PREFIX = "THROTTLLEM_COORDINATOR_"
 
@@ -80,13 +80,7 @@ class CoordinatorSettings(BaseSettings):
     @field_validator("sizes")
     @classmethod
     def _sizes(cls, value: str) -> str:
-        try:
-            sizes = [int(part) for part in value.split(",")]
-        except ValueError:
-            raise ValueError("must be comma-separated TP degrees, e.g. 1,2,4") from None
-        if not sizes or any(s < 1 for s in sizes) or len(set(sizes)) != len(sizes):
-            raise ValueError("must be distinct TP degrees >= 1")
-        return ",".join(str(s) for s in sorted(sizes))
+        return ",".join(str(s) for s in sorted(parse_sizes(value)))
 
     @field_validator("capacities")
     @classmethod
@@ -98,9 +92,7 @@ class CoordinatorSettings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
-        if value.upper() not in LOG_LEVELS:
-            raise ValueError(f"must be one of {' | '.join(LOG_LEVELS)}")
-        return value.upper()
+        return log_level(value)
 
     @property
     def tp_sizes(self) -> tuple[int, ...]:
@@ -137,6 +129,17 @@ class CoordinatorSettings(BaseSettings):
                 f"{coordinator_env('drain_timeout_s')}={self.drain_timeout_s}"
             )
         return problems
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """Comma-separated TP degrees, in the order given; ValueError says what is wrong."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError("must be comma-separated TP degrees, e.g. 1,2,4") from None
+    if any(s < 1 for s in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError("must be distinct TP degrees >= 1")
+    return sizes
 
 
 def parse_capacities(text: str) -> dict[int, float]:

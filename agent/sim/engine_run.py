@@ -65,11 +65,6 @@ class EngineRun:
         self._last_clock: int | None = None
         self.draining = False  # set when traffic moves away: nothing new enters
 
-    @property
-    def gates_admission(self) -> bool:
-        """Whether arrivals wait on the scoreboard for the policy to admit them."""
-        return self.scoreboard is not None
-
     def has_work(self) -> bool:
         """Requests held or in the engine, running or waiting."""
         return bool(self._held) or self.engine.has_work()

@@ -183,7 +183,6 @@ class PoolResult:
     events: list[ScaleEvent] = field(default_factory=list)
     engines: list[dict[str, Any]] = field(default_factory=list)  # per engine: size, times, iterations
     held_timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (t, GPUs held, serving size)
-    iteration_size: list[int] = field(default_factory=list)  # per iteration of `result`: engine size
     samples: list[PoolSample] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -433,7 +432,6 @@ class PoolSimulation:
             events=self.events,
             engines=[_describe(e) for e in self.engines],
             held_timeline=self.held_timeline,
-            iteration_size=[e.size for e in self.engines for _ in e.run.result.iteration_s],
             samples=self.samples,
         )
 
