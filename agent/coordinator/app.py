@@ -84,7 +84,13 @@ async def serve_kubernetes(
     identity = settings.identity or os.environ.get("HOSTNAME") or socket.gethostname()
     async with contextlib.AsyncExitStack() as stack:
         api = await stack.enter_async_context(await api_client())
-        backend = KubernetesBackend(api, namespace, settings.tp_sizes, service=settings.service)
+        backend = KubernetesBackend(
+            api,
+            namespace,
+            settings.tp_sizes,
+            service=settings.service,
+            deployment_for=settings.deployment_of,
+        )
         stack.push_async_callback(backend.close)
         coordinator = build_coordinator(settings, backend, scaling, tracer_provider)
         elector = LeaseElector(api, namespace, identity, name=settings.lease_name, lease_s=settings.lease_s)

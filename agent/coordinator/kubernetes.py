@@ -1,8 +1,9 @@
 """The coordinator's Kubernetes backend: one Deployment per engine size, one Service whose selector moves.
 
-Every engine size is a Deployment (`triton-tp1`, `triton-tp2`, …) whose pods run Triton with
-`nvidia.com/gpu: N` and the throttllem sidecar, labelled `throttllem.dev/tp=<N>`; one Service sends
-clients to the pods its selector names. Through the Kubernetes API (kubernetes-asyncio):
+Every engine size is a Deployment (`triton-throttllem-tp1`, `-tp2`, … as `deploy/k8s/engines`
+ships them) whose pods run Triton with `nvidia.com/gpu: N` and the throttllem sidecar, labelled
+`throttllem.dev/tp=<N>`; one Service sends clients to the pods its selector names. Through the
+Kubernetes API (kubernetes-asyncio):
 
 - `start(size)` scales that Deployment to 1 replica (the scale subresource), `stop(size)` to 0 —
   the kubelet then sends SIGTERM, and the sidecar resets its GPUs as it exits;
@@ -28,14 +29,9 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent.coordinator.backend import BackendError, SidecarLoadReader
 from agent.coordinator.load import EngineLoad
+from agent.coordinator.names import DEFAULT_SERVICE, SIZE_LABEL, deployment_name
 
-SIZE_LABEL = "throttllem.dev/tp"
 SIDECAR_PORT = 9401
-
-
-def deployment_name(size: int) -> str:
-    """The Deployment of engine size `size`."""
-    return f"triton-tp{size}"
 
 
 class KubernetesBackend:
@@ -47,7 +43,7 @@ class KubernetesBackend:
         namespace: str,
         sizes: Sequence[int],
         *,
-        service: str = "triton",
+        service: str = DEFAULT_SERVICE,
         deployment_for: Callable[[int], str] = deployment_name,
         sidecar_port: int = SIDECAR_PORT,
     ) -> None:

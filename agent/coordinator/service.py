@@ -12,9 +12,10 @@ Every tick (`period_s`, paper §3.7: about 10 s):
 
 An action the backend fails is kept and retried first on the next tick; every action is
 idempotent. Traffic is routed only to an engine the backend reports ready. On start the
-coordinator asks the backend where things stand: the routed size is the serving one, and any
-other size still running is drained, so a coordinator restarted in the middle of a switch
-finishes it rather than starting over.
+coordinator asks the backend where things stand: the routed size is the serving one (started
+if it is not running); any other size still running is drained if it is ready, so a coordinator
+restarted in the middle of a switch finishes it rather than starting over, and stopped at once
+if it is not (it never served). A start the backend fails is tried again the next period.
 """
 
 from __future__ import annotations
@@ -131,14 +132,21 @@ class Coordinator:
         routed = await self.backend.routed_size()
         serving = routed if routed is not None else self.initial_size
         self.state = initial_state(self.scaling, serving, now)
+        running = await self.backend.running_sizes()
         if routed is None:
             self._pending += [
                 Action("start", serving, "nothing routed yet"),
                 Action("route", serving, "first"),
             ]
-        for size in await self.backend.running_sizes():
-            if size != serving:
+        elif routed not in running:
+            self._pending.append(Action("start", serving, "routed to but not running"))
+        for size in running:
+            if size == serving:
+                continue
+            if await self._ready(size):
                 self.draining[size] = now  # a switch left half done: finish it
+            else:  # never served (a shadow, or a Deployment just created at one replica): nothing to drain
+                self._pending.append(Action("stop", size, "running, not routed to, not ready"))
         await self._run_pending(now)
 
     def status(self) -> CoordinatorStatus:
@@ -296,7 +304,11 @@ async def lead(
             holds = False
         if holds and not leading:
             log.info("leading: reading where engines stand")
-            await coordinator.start()
+            try:
+                await coordinator.start()
+            except BackendError as err:
+                log.warning("could not read where engines stand, tried again next period: %s", err)
+                holds = False  # not leading yet: start again next period
         elif holds:
             await coordinator.tick()
         elif leading:

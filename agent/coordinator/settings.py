@@ -6,6 +6,7 @@ Capacities come from the `capacity.json` profiles beside the IPS models unless g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -14,8 +15,12 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.config import ConfigError, in_catalog, log_level, read_settings, settings_table_markdown
+from agent.coordinator.names import DEFAULT_DEPLOYMENT, DEFAULT_SERVICE, deployment_name
 
 COORDINATOR_PREFIX = "THROTTLLEM_COORDINATOR_"
+# Kubernetes object names: a Service's is a DNS-1035 label, a Deployment's a DNS-1123 subdomain.
+_DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def coordinator_env(field: str) -> str:
@@ -62,7 +67,13 @@ class CoordinatorSettings(BaseSettings):
     namespace: str | None = Field(
         None, description="kubernetes: the engines' namespace; unset: the coordinator pod's own"
     )
-    service: str = Field("triton", description="kubernetes: the Service whose selector moves between sizes")
+    service: str = Field(
+        DEFAULT_SERVICE, description="kubernetes: the Service whose selector moves between sizes"
+    )
+    deployment: str = Field(
+        DEFAULT_DEPLOYMENT,
+        description="kubernetes: the Deployment of each size, {size} standing for the TP degree",
+    )
     lease_name: str = Field(
         "throttllem-coordinator", description="kubernetes: the Lease coordinators elect by"
     )
@@ -89,6 +100,26 @@ class CoordinatorSettings(BaseSettings):
             parse_capacities(value)
         return value
 
+    @field_validator("service")
+    @classmethod
+    def _service(cls, value: str) -> str:
+        if not _DNS_LABEL.fullmatch(value):
+            raise ValueError("must be a Service name: lower-case letters, digits and '-', at most 63")
+        return value
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, value: str) -> str:
+        try:
+            names = {deployment_name(size, value) for size in (1, 2)}
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("must name each size's Deployment with {size} and no other {field}") from None
+        if len(names) != 2 or not all(_DNS_SUBDOMAIN.fullmatch(name) for name in names):
+            raise ValueError(
+                "must contain {size} and give Deployment names (lower-case letters, digits, '-' and '.')"
+            )
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -98,6 +129,10 @@ class CoordinatorSettings(BaseSettings):
     def tp_sizes(self) -> tuple[int, ...]:
         """The sizes, smallest first."""
         return tuple(int(part) for part in self.sizes.split(","))
+
+    def deployment_of(self, size: int) -> str:
+        """The Deployment of engine size `size`."""
+        return deployment_name(size, self.deployment)
 
     @property
     def first_size(self) -> int:

@@ -16,12 +16,13 @@ from typing import Any
 import kubernetes_validate
 from aiohttp import web
 
+from agent.coordinator.names import DEFAULT_SERVICE, SIZE_LABEL, deployment_name
+
 K8S_VERSION = "1.30"
-SIZE_LABEL = "throttllem.dev/tp"
 
 
 def deployment(name: str, size: int, namespace: str, replicas: int) -> dict[str, Any]:
-    labels = {"app": "triton", SIZE_LABEL: str(size)}
+    labels = {"app.kubernetes.io/name": "triton-throttllem", SIZE_LABEL: str(size)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -57,7 +58,7 @@ def service(name: str, namespace: str, size: int) -> dict[str, Any]:
         "kind": "Service",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "selector": {"app": "triton", SIZE_LABEL: str(size)},
+            "selector": {"app.kubernetes.io/name": "triton-throttllem", SIZE_LABEL: str(size)},
             "ports": [{"name": "http", "port": 8000, "targetPort": 9000}],
         },
     }
@@ -77,19 +78,19 @@ def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 class ApiServer:
-    """Deployments `triton-tp<N>` and a Service `triton` in one namespace."""
+    """The Deployment of each size and the Service, named as `deploy/k8s/engines` names them."""
 
     def __init__(
         self, namespace: str, sizes: dict[int, int], routed: int, pod_ip: str, ready_after: int = 1
     ) -> None:
         self.namespace = namespace
         self.deployments = {
-            f"triton-tp{s}": deployment(f"triton-tp{s}", s, namespace, r) for s, r in sizes.items()
+            deployment_name(s): deployment(deployment_name(s), s, namespace, r) for s, r in sizes.items()
         }
         for obj in self.deployments.values():
             if obj["spec"]["replicas"]:
                 obj["status"] = {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}
-        self.services = {"triton": service("triton", namespace, routed)}
+        self.services = {DEFAULT_SERVICE: service(DEFAULT_SERVICE, namespace, routed)}
         self.pod_ip = pod_ip
         self.ready_after = ready_after
         self._reads: dict[str, int] = {}
@@ -99,6 +100,7 @@ class ApiServer:
         self.validated = 0
         self.leases: dict[str, dict[str, Any]] = {}
         self.calls: set[tuple[str, str, str]] = set()  # (API group, resource, RBAC verb) of every request
+        self.named_calls: set[tuple[str, str, str, str | None]] = set()  # ... and the object's name
         self._version = 0
         self.content_types: set[str] = set()
         for obj in [*self.deployments.values(), *self.services.values()]:
@@ -302,6 +304,7 @@ class ApiServer:
             else ""
         )
         self.calls.add((group, resource, verb[request.method]))
+        self.named_calls.add((group, resource, verb[request.method], request.match_info.get("name")))
         failure = self.fail.pop((request.method, resource), None)
         if failure is not None:
             return _status(failure, "Conflict" if failure == 409 else "InternalError", f"injected {failure}")

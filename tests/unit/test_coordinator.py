@@ -246,3 +246,51 @@ def test_arrival_rate_is_the_counters_increase_and_survives_a_restart():
     assert rate.update(20.0, 20.0) == pytest.approx(2.0)  # the sidecar restarted: counted from zero
     rate.reset()
     assert rate.update(30.0, 500.0) is None
+
+
+def test_a_routed_size_found_not_running_is_started_and_unready_others_are_stopped_at_once():
+    # As after a first `kubectl apply -k deploy/k8s/engines` (every size created at one replica,
+    # none ready) with tp1 scaled to 0 by hand: tp1 is brought back, tp2 and tp4 never served.
+    backend, clock = FakeBackend(routed=1, running=(2, 4), ready_after=2), Clock()
+    backend.running = {2: 3, 4: 3}
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=30.0, clock=clock)
+
+    async def scenario():
+        await coordinator.start()
+        assert backend.calls == [("start", 1), ("stop", 2), ("stop", 4)]
+        assert coordinator.draining == {} and backend.routed == 1
+
+    run(scenario())
+
+
+def test_a_leader_that_cannot_read_the_backend_tries_again_next_period():
+    from agent.coordinator.service import lead
+
+    class FlakyBackend(FakeBackend):
+        def __init__(self) -> None:
+            super().__init__(routed=1, running=(1,))
+            self.unreachable = 1
+
+        async def routed_size(self):
+            if self.unreachable:
+                self.unreachable -= 1
+                raise BackendError("API server unreachable")
+            return self.routed
+
+    class Always:
+        async def hold(self):
+            return True
+
+    backend, clock = FlakyBackend(), Clock()
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
+    periods = []
+
+    async def sleep(_):
+        periods.append(coordinator.state)
+        if len(periods) == 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        run(lead(coordinator, Always(), PERIOD, sleep))
+    assert periods[0] is None, "the first start failed and did not end the loop"
+    assert periods[1] is not None and periods[1].size == 1, "the next period started it"

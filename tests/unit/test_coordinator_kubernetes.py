@@ -11,12 +11,14 @@ from aiohttp import web
 from kubernetes_asyncio import client
 
 from agent.control.scaling import ScalingConfig
-from agent.coordinator.kubernetes import SIZE_LABEL, KubernetesBackend
+from agent.coordinator.kubernetes import KubernetesBackend
+from agent.coordinator.names import DEFAULT_SERVICE, SIZE_LABEL
 from agent.coordinator.service import Coordinator
 from tests.unit.k8s_apiserver import ApiServer
 
 NAMESPACE = "llm"
 SCALING = ScalingConfig(((1, 2.0), (2, 5.0)), headroom=0.8, grace_s=20.0, shadow_timeout_s=40.0)
+SCALING4 = ScalingConfig(((1, 2.0), (2, 5.0), (4, 12.0)), headroom=0.8, grace_s=20.0, shadow_timeout_s=40.0)
 PERIOD = 10.0
 
 
@@ -83,7 +85,7 @@ def replicas(api):
 
 
 def routed(api):
-    return api.services["triton"]["spec"]["selector"][SIZE_LABEL]
+    return api.services[DEFAULT_SERVICE]["spec"]["selector"][SIZE_LABEL]
 
 
 def test_a_burst_scales_tp2_up_moves_the_service_then_scales_tp1_to_zero():
@@ -93,15 +95,19 @@ def test_a_burst_scales_tp2_up_moves_the_service_then_scales_tp1_to_zero():
             coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
             await coordinator.start()
             await drive(coordinator, sidecars, clock, [1.0, 4.0])
-            assert replicas(api) == {"triton-tp1": 1, "triton-tp2": 1} and routed(api) == "1"
+            assert (
+                replicas(api) == {"triton-throttllem-tp1": 1, "triton-throttllem-tp2": 1}
+                and routed(api) == "1"
+            )
             await drive(coordinator, sidecars, clock, [4.0, 4.0])  # tp2 ready after two status reads
             assert routed(api) == "2"
-            assert replicas(api) == {"triton-tp1": 0, "triton-tp2": 1}, (
+            assert replicas(api) == {"triton-throttllem-tp1": 0, "triton-throttllem-tp2": 1}, (
                 "tp1 drained (0 in flight) and stopped"
             )
-            assert api.services["triton"]["spec"]["selector"]["app"] == "triton", (
-                "the rest of the selector kept"
-            )
+            assert (
+                api.services[DEFAULT_SERVICE]["spec"]["selector"]["app.kubernetes.io/name"]
+                == "triton-throttllem"
+            ), "the rest of the selector kept"
             return api
 
     api = asyncio.run(scenario())
@@ -117,10 +123,12 @@ def test_api_errors_are_retried_and_the_serving_engine_keeps_serving():
             await coordinator.start()
             api.fail[("PATCH", "deployments/scale")] = 409
             await drive(coordinator, sidecars, clock, [1.0, 4.0])
-            assert replicas(api)["triton-tp2"] == 0 and coordinator.record.failures == 1
+            assert replicas(api)["triton-throttllem-tp2"] == 0 and coordinator.record.failures == 1
             api.fail[("PATCH", "services")] = 500
             await drive(coordinator, sidecars, clock, [4.0])  # the start is retried; tp2 is ready at once
-            assert replicas(api)["triton-tp2"] == 1 and routed(api) == "1", "the move failed: tp1 serves on"
+            assert replicas(api)["triton-throttllem-tp2"] == 1 and routed(api) == "1", (
+                "the move failed: tp1 serves on"
+            )
             await drive(coordinator, sidecars, clock, [4.0])
             assert routed(api) == "2" and coordinator.record.failures == 2
 
@@ -136,10 +144,13 @@ def test_a_coordinator_restarted_mid_switch_reads_the_cluster_and_finishes_it():
             await coordinator.start()
             assert coordinator.state.size == 2 and list(coordinator.draining) == [1]
             await drive(coordinator, sidecars, clock, [4.0])
-            assert replicas(api)["triton-tp1"] == 1, "still draining its three requests"
+            assert replicas(api)["triton-throttllem-tp1"] == 1, "still draining its three requests"
             sidecars.in_flight = 0
             await drive(coordinator, sidecars, clock, [4.0])
-            assert replicas(api) == {"triton-tp1": 0, "triton-tp2": 1} and routed(api) == "2"
+            assert (
+                replicas(api) == {"triton-throttllem-tp1": 0, "triton-throttllem-tp2": 1}
+                and routed(api) == "2"
+            )
 
     asyncio.run(scenario())
 
@@ -151,7 +162,10 @@ def test_a_shadow_that_never_becomes_ready_is_scaled_back_to_zero():
             coordinator = Coordinator(backend, SCALING, initial_size=1, clock=clock)
             await coordinator.start()
             await drive(coordinator, sidecars, clock, [1.0] + [4.0] * 5)  # started at 20 s, abandoned at 60 s
-            assert replicas(api) == {"triton-tp1": 1, "triton-tp2": 0} and routed(api) == "1"
+            assert (
+                replicas(api) == {"triton-throttllem-tp1": 1, "triton-throttllem-tp2": 0}
+                and routed(api) == "1"
+            )
             assert "not ready after 40 s" in coordinator.record.last_reason
 
     asyncio.run(scenario())
@@ -159,8 +173,8 @@ def test_a_shadow_that_never_becomes_ready_is_scaled_back_to_zero():
 
 def test_the_stand_in_refuses_what_the_real_api_server_would():
     api = ApiServer(NAMESPACE, {1: 1}, 1, "127.0.0.1")
-    bad = api.deployments["triton-tp1"] | {
-        "spec": {**api.deployments["triton-tp1"]["spec"], "replicas": "one"}
+    bad = api.deployments["triton-throttllem-tp1"] | {
+        "spec": {**api.deployments["triton-throttllem-tp1"]["spec"], "replicas": "one"}
     }
     with pytest.raises(Exception, match="'one' is not of type"):
         api._validate(bad)
@@ -278,8 +292,19 @@ def test_two_coordinators_never_act_at_once_and_the_second_takes_over_when_the_f
     assert history[:3] == [[first]] * 3 and history[-1] == [second], history
     assert [second] not in history[:4], "the other waits for the dead leader's lease to lapse"
     assert api.leases["throttllem-coordinator"]["spec"]["holderIdentity"] == second
-    assert routed(api) == "2" and replicas(api)["triton-tp1"] == 0, (
+    assert routed(api) == "2" and replicas(api)["triton-throttllem-tp1"] == 0, (
         "the new leader carried the resize through"
+    )
+
+
+def rbac_allows(rules, group, resource, verb, name):
+    """Kubernetes RBAC's rule match: a rule with resourceNames allows only calls on those names."""
+    return any(
+        group in rule["apiGroups"]
+        and resource in rule["resources"]
+        and verb in rule["verbs"]
+        and ("resourceNames" not in rule or name in rule["resourceNames"])
+        for rule in rules
     )
 
 
@@ -294,23 +319,24 @@ def test_the_shipped_role_grants_exactly_the_calls_the_coordinator_makes():
     from agent.coordinator.service import lead
 
     async def scenario():
-        async with cluster({1: 1, 2: 0}, routed=1, ready_after=1) as (api, backend, sidecars):
+        async with cluster({1: 1, 2: 0, 4: 0}, routed=1, ready_after=1) as (api, backend, sidecars):
             clock, wall = Clock(), WallClock()
-            coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
+            coordinator = Coordinator(backend, SCALING4, initial_size=1, min_drain_s=0.0, clock=clock)
             elector = LeaseElector(backend.apps.api_client, NAMESPACE, "a", lease_s=25, clock=wall)
             beat = Beat()
             task = asyncio.create_task(lead(coordinator, elector, PERIOD, beat.sleep))
             await beat.done.wait()
-            for rate in (1.0, 4.0, 4.0, 4.0, 4.0):
+            for rate in (1.0, 4.0, 4.0, 4.0, 4.0, 9.0, 9.0, 9.0, 9.0):
                 sidecars.arrived += rate * PERIOD
                 clock.now += PERIOD
                 wall.now += PERIOD
                 await beat.period()
             task.cancel()
-            assert routed(api) == "2" and replicas(api)["triton-tp1"] == 0
-            return api.calls
+            assert routed(api) == "4" and replicas(api)["triton-throttllem-tp1"] == 0
+            return api.named_calls
 
-    calls = asyncio.run(scenario())
+    named_calls = asyncio.run(scenario())
+    calls = {call[:3] for call in named_calls}
     manifests = Path(__file__).parents[2] / "deploy" / "k8s" / "coordinator"
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -332,5 +358,10 @@ def test_the_shipped_role_grants_exactly_the_calls_the_coordinator_makes():
     assert calls == granted, (
         f"missing from the Role: {calls - granted}; granted but unused: {granted - calls}"
     )
+    refused = [call for call in named_calls if not rbac_allows(role["rules"], *call)]
+    assert refused == [], "the Role's resourceNames refuse these calls"
+    named = {name for rule in role["rules"] for name in rule.get("resourceNames", [])}
+    touched = {call[3] for call in named_calls}
+    assert named <= touched, f"names granted but never used: {named - touched}"
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == role["metadata"]["name"]

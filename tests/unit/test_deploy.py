@@ -26,6 +26,8 @@ import yaml
 from agent.catalog import gpu_spec, model_spec
 from agent.cli import build_parser
 from agent.config import ENV_PREFIX, Settings, env_name, load_settings
+from agent.coordinator.names import SIZE_LABEL
+from agent.coordinator.settings import load_coordinator_settings
 from agent.sidecar.energy import EnergySampler
 from agent.sidecar.metrics import SidecarMetrics
 from agent.twin.server.gpu_control import gpu_uuids
@@ -37,6 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "k8s" / "base"
 OVERLAYS = DEPLOY / "k8s" / "overlays"
+ENGINES = DEPLOY / "k8s" / "engines"
+COORDINATOR = DEPLOY / "k8s" / "coordinator"
 COMPOSE = DEPLOY / "compose" / "docker-compose.yaml"
 DASHBOARD = DEPLOY / "grafana" / "throttllem-dashboard.json"
 SIDECAR = "throttllem"  # the sidecar's container name in the pod
@@ -169,14 +173,15 @@ def test_kustomizations_name_files_that_exist() -> None:
         spec = yaml_file(kustomization)
         named = [
             *spec.get("resources", []),
-            *(p["path"] for p in spec.get("patches", [])),
+            *spec.get("components", []),
+            *(p["path"] for p in spec.get("patches", []) if "path" in p),
             *(
                 f
                 for g in spec.get("configMapGenerator", [])
                 for f in [*g.get("envs", []), *g.get("files", [])]
             ),
         ]
-        assert named, kustomization
+        assert named or spec.get("patches"), kustomization
         for name in named:
             assert (kustomization.parent / name).exists(), f"{kustomization}: {name}"
 
@@ -332,6 +337,100 @@ def test_kustomize_renders(overlay: Path, actuator: str, privileged: bool) -> No
     for doc in docs:
         if doc["kind"] != "ServiceMonitor":  # a Prometheus Operator CRD: not in the Kubernetes schemas
             kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+
+
+def triton_ranks(triton: Mapping[str, Any]) -> list[list[str]]:
+    """The tritonserver command lines the Triton container starts: one, or one per MPI rank."""
+    argv = [*triton["command"], *triton.get("args", [])]
+    if argv[0] != "mpirun":
+        return [argv]
+    ranks, rank = [], []
+    for arg in [*argv[1:], ":"]:
+        if arg == ":":
+            ranks.append(rank[rank.index("tritonserver") :])
+            rank = []
+        else:
+            rank.append(arg)
+    return ranks
+
+
+def flags(argv: list[str]) -> dict[str, list[str]]:
+    """`--name=value` flags of one command line, every value of each."""
+    out: dict[str, list[str]] = {}
+    for arg in argv[1:]:
+        name, _, value = arg.removeprefix("--").partition("=")
+        out.setdefault(name, []).append(value)
+    return out
+
+
+def rendered_env(docs: list[dict[str, Any]], pod: Mapping[str, Any]) -> dict[str, str]:
+    """The sidecar's THROTTLLEM_* settings in a rendered pod: its ConfigMap's data."""
+    (ref,) = container(pod, SIDECAR)["envFrom"]
+    name = ref["configMapRef"]["name"]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+    return dict(config_map["data"])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+def test_engines_are_one_deployment_per_size_the_coordinator_finds_steers_and_may_scale(
+    sidecar_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = kustomize(ENGINES)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+    coordinator_env = {
+        e["name"]: e["value"]
+        for d in kustomize(COORDINATOR)
+        if d["kind"] == "Deployment"
+        for e in container(d["spec"]["template"]["spec"], "coordinator")["env"]
+    }
+    for name, value in coordinator_env.items():
+        monkeypatch.setenv(name, value)
+    coordinator = load_coordinator_settings()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deployments) == {coordinator.deployment_of(size) for size in coordinator.tp_sizes}
+    pods = {}
+    for size in coordinator.tp_sizes:
+        deploy = deployments[coordinator.deployment_of(size)]
+        assert "replicas" not in deploy["spec"], "an apply would undo the coordinator's scaling"
+        pod = deploy["spec"]["template"]["spec"]
+        labels = deploy["spec"]["template"]["metadata"]["labels"]
+        assert labels[SIZE_LABEL] == deploy["spec"]["selector"]["matchLabels"][SIZE_LABEL] == str(size)
+        triton = container(pod, "triton")
+        assert triton["resources"]["limits"]["nvidia.com/gpu"] == size
+        ranks = triton_ranks(triton)
+        assert len(ranks) == size, f"tp{size}: one tritonserver per GPU of a TP{size} engine"
+        env = rendered_env(docs, pod)
+        for rank, argv in enumerate(ranks):
+            rank_flags = flags(argv)
+            assert rank_flags["model-repository"] == [f"/models/tp{size}"]
+            assert rank_flags["http-port"] == [str(url_port(env["THROTTLLEM_ENGINE_URL"]))]
+            assert rank_flags["metrics-port"] == [str(url_port(env["THROTTLLEM_ENGINE_METRICS_URL"]))]
+            if size > 1:
+                assert rank_flags["backend-config"] == [f"python,shm-region-prefix-name=prefix{rank}_"]
+                assert ("load-model" in rank_flags) is (rank > 0), "ranks > 0 load tensorrt_llm only"
+        setup = TwinSetup(
+            gpu=gpu_spec(env["THROTTLLEM_GPU"]), model=model_spec(env["THROTTLLEM_MODEL"]), tp=size
+        )
+        uuids = ",".join(gpu_uuids(setup))
+        settings = sidecar_settings(monkeypatch, {**env, "THROTTLLEM_GPU_UUIDS": uuids})
+        assert settings.tp == size and len(settings.selected_gpu_uuids) == size
+        assert (settings.gpu, settings.model) == (coordinator.gpu, coordinator.model)
+        pods[size] = labels
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    selector = services[coordinator.service]["spec"]["selector"]
+    assert [s for s, labels in pods.items() if selector.items() <= labels.items()] == [coordinator.first_size]
+    (metrics,) = [s for name, s in services.items() if name != coordinator.service]
+    assert all(metrics["spec"]["selector"].items() <= labels.items() for labels in pods.values())
+    (role,) = [d for d in kustomize(COORDINATOR) if d["kind"] == "Role"]
+    named = {
+        resource: set(rule["resourceNames"])
+        for rule in role["rules"]
+        if "resourceNames" in rule
+        for resource in rule["resources"]
+    }
+    assert named["deployments/scale"] == named["deployments"] == set(deployments)
+    assert named["services"] == {coordinator.service}
 
 
 # --- Docker -------------------------------------------------------------------------------------
