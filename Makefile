@@ -13,7 +13,7 @@ POOL_ENGINE   := --gpu a100-sxm4-40gb --model llama2-13b
 POOL_SIZES    := 1 2 4
 CODE_ENGINE   := --chunked-context --max-num-tokens 512
 
-.PHONY: setup demo test lint bench models clean
+.PHONY: setup demo demo-autoscale test lint bench models clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/throttllem demo
+
+demo-autoscale: setup
+	$(BIN)/throttllem demo --autoscale
 
 test: setup
 	$(BIN)/pytest -q

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from agent.bench.router import Router
 from agent.coordinator.backend import BackendError, SidecarLoadReader
 from agent.coordinator.http_api import build_coordinator_app
 from agent.coordinator.load import EngineLoad
-from agent.coordinator.service import Coordinator
+from agent.coordinator.service import Coordinator, wait_period
 from agent.sidecar.app import listen
 from agent.twin.setup import TwinSetup
 
@@ -55,6 +55,8 @@ class LocalBackend:
     sidecar: SidecarSpec
     router: Router
     time_scale: float = 1.0  # the twins' wall time per engine second (see `twin serve --time-scale`)
+    # Called with an engine whose sidecar has stopped and whose twin still runs (a last reading).
+    on_stopping: Callable[[LocalEngine], Awaitable[None]] | None = None
     engines: dict[int, LocalEngine] = field(default_factory=dict)
     routed: int | None = None
     _sidecars: SidecarLoadReader = field(default_factory=SidecarLoadReader)
@@ -114,9 +116,12 @@ class LocalBackend:
             engine.starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             engine.twin, engine.sidecar = await engine.starting
-        for part in (engine.sidecar, engine.twin):
-            if part is not None:
-                await part.child.stop()
+        if engine.sidecar is not None:
+            await engine.sidecar.child.stop()
+        if engine.twin is not None:
+            if self.on_stopping is not None:
+                await self.on_stopping(engine)
+            await engine.twin.child.stop()
         engine.stopped = True
 
     async def close(self) -> None:
@@ -137,6 +142,7 @@ async def serve_local(
     *,
     log_dir: Path,
     period_s: float,
+    ready_poll_s: float,
     host: str,
     port: int,
     router_host: str,
@@ -157,5 +163,5 @@ async def serve_local(
         await coordinator.start()
         announce(ports)
         while True:
-            await asyncio.sleep(period_s)
+            await wait_period(coordinator, period_s, asyncio.sleep, ready_poll_s)
             await coordinator.tick()

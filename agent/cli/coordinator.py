@@ -123,6 +123,7 @@ def _local(
         spec,
         log_dir=log_dir,
         period_s=settings.period_s,
+        ready_poll_s=settings.ready_poll_s,
         host=settings.host,
         port=settings.port,
         router_host=settings.router_host,

@@ -23,14 +23,18 @@ from agent.cli.common import (
     stderr,
     stdout,
 )
-from agent.config import Settings
+from agent.config import Settings, load_settings
+from agent.coordinator.settings import parse_sizes
 from agent.slo_presets import load_slo_preset
 
 if TYPE_CHECKING:
+    from agent.bench.autoscale_demo import AutoscaleState
     from agent.bench.live_run import LiveState, Sample
 
 REFRESH_PER_S = 2.0
+AUTOSCALE_ENGINE = ("a100-sxm4-40gb", "llama2-13b")  # IPS models and capacity profiles at TP 1, 2 and 4
 DEFAULT_OUT = Path("demo-report")
+DEFAULT_AUTOSCALE_OUT = Path("demo-autoscale-report")
 
 
 def _value(value: float | None, spec: str, unit: str = "") -> str:
@@ -92,6 +96,72 @@ def _rows(state: LiveState, latest: Sample | None) -> list[tuple[str, str | Text
     ]
 
 
+def render_pool(state: AutoscaleState) -> Table:
+    """The sizing demo's live view: the pool's sizes, each engine's clock and power, the clients."""
+    table = Table(title=f"throttllem sizing demo · policy {state.policy}", show_header=False, min_width=64)
+    table.add_column("figure", style="bold")
+    table.add_column("value")
+    draining = ", ".join(f"tp{s}" for s in state.draining) or "—"
+    rows: list[tuple[str, str]] = [
+        ("time", f"{state.since_start_s():.1f} s"),
+        ("requests done", f"{state.done:,} / {state.total:,} (answered {state.answered:,})"),
+        ("arrival rate", _value(state.arrival_rps, "{:.2f}", " req/s (last period)")),
+        ("serving", "—" if state.serving is None else f"tp{state.serving}"),
+        ("shadow starting", "—" if state.shadow is None else f"tp{state.shadow}"),
+        ("draining", draining),
+        ("last decision", state.last_reason or "—"),
+    ]
+    for reading in state.live():
+        lock = "" if reading.locked is None else (" (locked)" if reading.locked else " (stock)")
+        rows.append(
+            (
+                f"tp{reading.size} engine",
+                f"{_value(reading.clock_mhz, '{:.0f}', ' MHz')}{lock} · "
+                f"{_value(reading.power_w, '{:.0f}', ' W')}",
+            )
+        )
+    rows += [("pool power", f"{state.power_w():,.0f} W"), ("energy so far", f"{state.energy_j():,.0f} J")]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def print_pool_summary(summary: dict[str, Any]) -> None:
+    """The sizing demo's comparison and what it did."""
+    from agent.bench.autoscale_report import _num, _pct
+
+    base = summary["baseline"]
+    print_table(
+        f"{summary['model']} on {summary['gpu']}, TP {summary['sizes']}: {summary['requests']} requests of "
+        f"{summary['trace']} at {summary['quiet_rps']:.2f} → {summary['burst_rps']:.2f} → "
+        f"{summary['quiet_rps']:.2f} req/s",
+        (
+            "figure",
+            f"autoscale:{summary['policy']} (live)",
+            f"{base['policy']} on tp{base['tp']} (simulated)",
+        ),
+        [
+            ("energy (J)", f"{summary['energy_j']:,.0f}", f"{base['energy_j']:,.0f}"),
+            ("tokens per joule", _num(summary["tokens_per_joule"]), _num(base["tokens_per_joule"])),
+            ("SLO attainment", _pct(summary["slo_attainment"]), _pct(base["slo_attainment"])),
+            ("answered", f"{summary['answered']} of {summary['requests']}", "—"),
+        ],
+    )
+    console = stdout()
+    moves = " → ".join(f"tp{a['tp']}" for a in summary["actions"] if a["action"] == "route")
+    console.print(
+        f"Traffic moved {moves or 'nowhere'}; from a shadow's start to the switch: "
+        f"{', '.join(f'{t:.1f} s' for t in summary['decision_to_switch_s']) or '—'}; requests lost: "
+        f"{summary['lost']}; clocks reset as engines stopped: "
+        f"{'yes' if summary['clocks_reset_on_exit'] else '[red]NO[/red]'}"
+    )
+    console.print(
+        f"Energy saved vs the fixed pool: {_num(summary['saved_pct'], '{:.1f}')}% (the baseline is simulated "
+        "on the same requests)"
+    )
+    console.print(f"Report: {summary['report_dir']}/report.md (summary.json, timeline.png, logs/)")
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """The comparison table and what it means."""
     from agent.bench.demo import baseline_note, figure, table_rows
@@ -119,6 +189,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from agent.bench.live_run import LiveRunError
     from agent.bench.processes import ProcessStartError, cancel_on_sigterm
 
+    settings = load_settings()
+    engine = AUTOSCALE_ENGINE if args.autoscale else (settings.gpu, settings.model)
+    args.gpu, args.model = args.gpu or engine[0], args.model or engine[1]
+    args.out = args.out or (DEFAULT_AUTOSCALE_OUT if args.autoscale else DEFAULT_OUT)
+    if args.autoscale:
+        return _autoscale(args)
     setup = setup_from_args(args)
     config = defaults.DemoConfig(
         setup=setup,
@@ -151,8 +227,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _autoscale(args: argparse.Namespace) -> int:
+    """`demo --autoscale`: the pool live through a burst, then compared with a fixed pool."""
+    from agent.bench.autoscale_demo import (
+        AutoscaleConfig,
+        AutoscaleDemoError,
+        plan_autoscale,
+        run_autoscale_demo,
+    )
+    from agent.bench.capacities import CapacityProfileError
+    from agent.bench.live_run import LiveRunError
+    from agent.bench.processes import ProcessStartError, cancel_on_sigterm
+
+    if args.live_baseline:
+        raise CliError("--live-baseline: the sizing demo's baseline is simulated only")
+    setup = setup_from_args(args)
+    try:
+        sizes = parse_sizes(args.sizes)
+    except ValueError as err:
+        raise CliError(f"--sizes={args.sizes!r}: {err}") from None
+    config = AutoscaleConfig(
+        setup=setup,
+        preset=load_slo_preset(args.slo, setup.model.name),
+        models_dir=args.models_dir,
+        out_dir=args.out,
+        sizes=tuple(sorted(sizes)),
+        policy=args.policy,
+        start_s=args.start,
+        burst_s=args.duration,
+        max_tokens=args.max_tokens,
+    )
+    try:
+        plan = plan_autoscale(config)
+        if args.json:
+            summary = asyncio.run(
+                cancel_on_sigterm(run_autoscale_demo(config, plan, lambda _state: None, lambda _phase: None))
+            )
+        else:
+            summary = _run_with_view(
+                lambda update, phase: cancel_on_sigterm(run_autoscale_demo(config, plan, update, phase)),
+                render_pool,
+            )
+    except (ProcessStartError, LiveRunError, AutoscaleDemoError, CapacityProfileError) as exc:
+        raise CliError(str(exc)) from None
+    except asyncio.CancelledError:
+        raise CliError("terminated: every twin and sidecar was stopped") from None
+    if args.json:
+        print_json(summary)
+    else:
+        print_pool_summary(summary)
+    return 0
+
+
 def _run_with_view(
-    demo: Callable[[Callable[[LiveState], None], Callable[[str], None]], Awaitable[dict[str, Any]]],
+    demo: Callable[[Callable[[Any], None], Callable[[str], None]], Awaitable[dict[str, Any]]],
+    view: Callable[[Any], Table] = render,
 ) -> dict[str, Any]:
     """The demo under a rich Live view on stderr, with one line per phase."""
     began = time.monotonic()
@@ -161,8 +290,8 @@ def _run_with_view(
         def phase(message: str) -> None:
             live.console.print(f"[dim]{time.monotonic() - began:5.1f} s[/dim] {message}")
 
-        def update(state: LiveState) -> None:
-            live.update(render(state))
+        def update(state: Any) -> None:
+            live.update(view(state))
 
         return asyncio.run(demo(update, phase))
 
@@ -175,15 +304,34 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         description="Starts `twin serve` (real time), `run` (twin actuator and meter, gateway on) and "
         "`load` through the gateway as separate processes on loopback, shows the clock, power, batch, "
         "latency and energy as they happen, stops everything (checking the clock lock is released), "
-        "and compares with stock clocks on the same requests (simulated unless --live-baseline).",
+        "and compares with stock clocks on the same requests (simulated unless --live-baseline). "
+        "With --autoscale: a twin + sidecar pair per TP size behind a router, sized live by the "
+        "coordinator through a burst of trace requests, compared with a fixed pool (simulated).",
     )
     add_setup_args(demo)
+    demo.set_defaults(gpu=None, model=None)  # resolved in cmd_demo: the sizing demo has its own engine
+    for action in demo._actions:
+        if action.dest in ("gpu", "model"):
+            autoscale = AUTOSCALE_ENGINE[0 if action.dest == "gpu" else 1]
+            action.help = (
+                f"{action.dest} (default: THROTTLLEM_{action.dest.upper()}, "
+                f"{getattr(settings, action.dest)}; with --autoscale {autoscale})"
+            )
     demo.add_argument("--policy", default="throttllem", help="the sidecar's policy (default %(default)s)")
+    demo.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="size the engine live instead: a burst moves a pool of twin + sidecar pairs from the "
+        "smallest of --sizes to a larger one and back, under the coordinator",
+    )
+    demo.add_argument(
+        "--sizes", default="1,2", help="with --autoscale: the TP sizes of the pool (default %(default)s)"
+    )
     demo.add_argument(
         "--duration",
         type=float,
         default=defaults.DEMO_DURATION_S,
-        help="wall seconds of arrivals (default %(default)s)",
+        help="wall seconds of arrivals; with --autoscale, of the burst (default %(default)s)",
     )
     demo.add_argument(
         "--start",
@@ -205,7 +353,11 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
     demo.add_argument("--slo", default="mlperf-server", help="SLO preset (default %(default)s)")
     demo.add_argument("--models-dir", type=Path, default=settings.models_dir)
-    demo.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report directory (default %(default)s)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        help=f"report directory (default {DEFAULT_OUT}; with --autoscale {DEFAULT_AUTOSCALE_OUT})",
+    )
     demo.add_argument(
         "--live-baseline",
         action="store_true",

@@ -106,4 +106,4 @@ async def serve_kubernetes(
             settings.lease_name,
         )
         announce({"port": int(runner.addresses[0][1]), "namespace": namespace, "identity": identity})
-        await lead(coordinator, elector, settings.period_s)
+        await lead(coordinator, elector, settings.period_s, ready_poll_s=settings.ready_poll_s)

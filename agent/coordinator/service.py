@@ -180,6 +180,17 @@ class Coordinator:
         await self._stop_drained(now)
         await self._run_pending(now)
 
+    async def check_shadow(self) -> None:
+        """Between ticks: move traffic as soon as the starting shadow is ready, not a period later."""
+        assert self.state is not None, "call start() first"
+        if self._pending or self.state.mode is not ScalingMode.STARTING:
+            return
+        shadow = self.state.shadow_size
+        if shadow is not None and await self._ready(shadow):
+            now = self.clock()
+            self._observe(ShadowReady(now, shadow), now)
+            await self._run_pending(now)
+
     async def _ready(self, size: int) -> bool:
         try:
             return await self.backend.is_ready(size)
@@ -288,13 +299,37 @@ class Elector(Protocol):
         ...
 
 
+Sleep = Callable[[float], Awaitable[object]]
+
+
+async def wait_period(
+    coordinator: Coordinator, period_s: float, sleep: Sleep, ready_poll_s: float | None
+) -> None:
+    """Sleep one period; every `ready_poll_s` of it (None: never) switch to a shadow that is ready."""
+    if ready_poll_s is None or coordinator.state is None:
+        await sleep(period_s)
+        return
+    waited = 0.0
+    while period_s - waited > 1e-9:
+        step = min(ready_poll_s, period_s - waited)
+        await sleep(step)
+        waited += step
+        if waited < period_s - 1e-9:  # the tick after the last step looks anyway
+            await coordinator.check_shadow()
+
+
 async def lead(
     coordinator: Coordinator,
     elector: Elector,
     period_s: float,
-    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    sleep: Sleep = asyncio.sleep,
+    ready_poll_s: float | None = None,
 ) -> None:
-    """Tick `coordinator` every period in which it leads; rebuild its state each time it gains the lead."""
+    """Tick `coordinator` every period in which it leads; rebuild its state each time it gains the lead.
+
+    Within a period it leads, it also looks every `ready_poll_s` for a shadow that became ready
+    (the Lease it renewed at the period's start outlasts the period).
+    """
     leading = False
     while True:
         try:
@@ -314,4 +349,4 @@ async def lead(
         elif leading:
             log.warning("lost the lead: another coordinator acts now")
         leading = holds
-        await sleep(period_s)
+        await wait_period(coordinator, period_s, sleep, ready_poll_s if leading else None)

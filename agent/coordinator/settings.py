@@ -50,6 +50,12 @@ class CoordinatorSettings(BaseSettings):
     slo: str = Field("mlperf-server", description="SLO preset the capacities and the sidecars hold to")
     models_dir: Path = Field(Path("models"), description="IPS models and capacity profiles")
     period_s: float = Field(10.0, gt=0.0, le=600.0, description="seconds between sizing decisions")
+    ready_poll_s: float = Field(
+        1.0,
+        gt=0.0,
+        le=600.0,
+        description="while a shadow starts, seconds between looks at whether it is ready",
+    )
     headroom: float = Field(0.8, gt=0.0, le=1.0, description="plan for this fraction of each size's capacity")
     grace_s: float = Field(
         60.0, ge=0.0, description="a smaller size must suffice this long before scaling down"

@@ -109,6 +109,10 @@ def test_sourced_clock_range_keeps_every_clock_at_or_above_the_calibrated_floor(
         (["simulate", "--trace", "/nonexistent.csv"], "nonexistent.csv"),
         (["simulate", "--model", "llama2-70b", "--gpu", "a100-sxm4-40gb", "--tp", "1"], "does not fit"),
         (["simulate", "--load", "0.5", "--rate-scale", "2"], "pass one"),
+        (["demo", "--autoscale", "--live-baseline"], "simulated only"),
+        (["demo", "--autoscale", "--sizes", "1"], "two engine sizes"),
+        (["demo", "--autoscale", "--sizes", "1,0"], "--sizes="),
+        (["demo", "--autoscale", "--model", "llama3-8b", "--gpu", "a100-sxm4-80gb"], "throttllem capacity"),
     ],
 )
 def test_errors_are_one_readable_line(capsys, argv, message):

@@ -294,3 +294,45 @@ def test_a_leader_that_cannot_read_the_backend_tries_again_next_period():
         run(lead(coordinator, Always(), PERIOD, sleep))
     assert periods[0] is None, "the first start failed and did not end the loop"
     assert periods[1] is not None and periods[1].size == 1, "the next period started it"
+
+
+def test_a_shadow_ready_mid_period_takes_traffic_at_the_next_look_not_the_next_tick():
+    from agent.coordinator.service import wait_period
+
+    backend, clock = FakeBackend(routed=1, running=(1,), ready_after=1000), Clock()
+    coordinator = Coordinator(backend, SCALING, initial_size=1, min_drain_s=0.0, clock=clock)
+    looks = []
+
+    async def sleep(seconds):
+        clock.now += seconds
+        looks.append(clock.now)
+        if len(looks) == 3:
+            backend.running[2] = 0  # ready 3 s into the period
+
+    async def scenario():
+        await coordinator.start()
+        await drive(coordinator, backend, clock, [1.0, 4.0])
+        assert backend.calls == [("start", 2)]
+        began = clock.now
+        await wait_period(coordinator, PERIOD, sleep, 1.0)
+        assert backend.calls == [("start", 2), ("route", 2)], "switched within the period"
+        assert len(looks) == 10 and clock.now == pytest.approx(began + PERIOD)
+        assert 1 in coordinator.draining
+        await coordinator.check_shadow()  # nothing starting any more: nothing happens
+        assert backend.calls[-1] == ("route", 2)
+
+    run(scenario())
+
+
+def test_without_ready_polls_a_period_is_one_sleep():
+    from agent.coordinator.service import wait_period
+
+    slept = []
+
+    async def sleep(seconds):
+        slept.append(seconds)
+
+    coordinator = Coordinator(FakeBackend(), SCALING, initial_size=1)
+    run(wait_period(coordinator, PERIOD, sleep, None))
+    run(wait_period(coordinator, PERIOD, sleep, 1.0))  # not started yet: nothing to look at
+    assert slept == [PERIOD, PERIOD]
