@@ -186,8 +186,6 @@ def print_summary(summary: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the live demo and print (or `--json`) the comparison."""
     from agent.bench.demo import run_demo  # matplotlib: slow to import
-    from agent.bench.live_run import LiveRunError
-    from agent.bench.processes import ProcessStartError, cancel_on_sigterm
 
     settings = load_settings()
     engine = AUTOSCALE_ENGINE if args.autoscale else (settings.gpu, settings.model)
@@ -209,21 +207,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
         live_baseline=args.live_baseline,
         refresh_s=1.0 / REFRESH_PER_S,
     )
+    return _run_and_print(
+        args,
+        lambda update, phase: run_demo(config, update, phase),
+        render,
+        print_summary,
+        "the twin, the sidecar and the load generator were stopped",
+    )
+
+
+def _run_and_print(
+    args: argparse.Namespace,
+    demo: Callable[[Callable[[Any], None], Callable[[str], None]], Awaitable[dict[str, Any]]],
+    view: Callable[[Any], Table],
+    print_result: Callable[[dict[str, Any]], None],
+    stopped: str,
+) -> int:
+    """Run a demo under the live view (or quietly for --json), then print its summary."""
+    from agent.bench.autoscale_demo import AutoscaleDemoError
+    from agent.bench.live_run import LiveRunError
+    from agent.bench.processes import ProcessStartError, cancel_on_sigterm
+
     try:
         if args.json:
-            summary = asyncio.run(
-                cancel_on_sigterm(run_demo(config, lambda _state: None, lambda _phase: None))
-            )
+            summary = asyncio.run(cancel_on_sigterm(demo(lambda _state: None, lambda _phase: None)))
         else:
-            summary = _run_with_view(lambda update, phase: cancel_on_sigterm(run_demo(config, update, phase)))
-    except (ProcessStartError, LiveRunError) as exc:
+            summary = _run_with_view(lambda update, phase: cancel_on_sigterm(demo(update, phase)), view)
+    except (ProcessStartError, LiveRunError, AutoscaleDemoError) as exc:
         raise CliError(str(exc)) from None
     except asyncio.CancelledError:
-        raise CliError("terminated: the twin, the sidecar and the load generator were stopped") from None
+        raise CliError(f"terminated: {stopped}") from None
     if args.json:
         print_json(summary)
     else:
-        print_summary(summary)
+        print_result(summary)
     return 0
 
 
@@ -236,8 +253,6 @@ def _autoscale(args: argparse.Namespace) -> int:
         run_autoscale_demo,
     )
     from agent.bench.capacities import CapacityProfileError
-    from agent.bench.live_run import LiveRunError
-    from agent.bench.processes import ProcessStartError, cancel_on_sigterm
 
     if args.live_baseline:
         raise CliError("--live-baseline: the sizing demo's baseline is simulated only")
@@ -259,24 +274,15 @@ def _autoscale(args: argparse.Namespace) -> int:
     )
     try:
         plan = plan_autoscale(config)
-        if args.json:
-            summary = asyncio.run(
-                cancel_on_sigterm(run_autoscale_demo(config, plan, lambda _state: None, lambda _phase: None))
-            )
-        else:
-            summary = _run_with_view(
-                lambda update, phase: cancel_on_sigterm(run_autoscale_demo(config, plan, update, phase)),
-                render_pool,
-            )
-    except (ProcessStartError, LiveRunError, AutoscaleDemoError, CapacityProfileError) as exc:
+    except (AutoscaleDemoError, CapacityProfileError) as exc:
         raise CliError(str(exc)) from None
-    except asyncio.CancelledError:
-        raise CliError("terminated: every twin and sidecar was stopped") from None
-    if args.json:
-        print_json(summary)
-    else:
-        print_pool_summary(summary)
-    return 0
+    return _run_and_print(
+        args,
+        lambda update, phase: run_autoscale_demo(config, plan, update, phase),
+        render_pool,
+        print_pool_summary,
+        "every twin and sidecar was stopped",
+    )
 
 
 def _run_with_view(
