@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.catalog import GPUS
-from agent.config import Settings
+from agent.config import Settings, env_name
 from agent.control.admission import EngineLimits
 from agent.domain import GpuSpec
 from agent.engines import build_adapter
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 ADMIN_HOST = "127.0.0.1"  # the admin API changes what the GPU does: never reachable from outside
 GATEWAY_DRAIN_S = 5.0  # in-flight gateway requests get this long to finish on shutdown (clocks already reset)
 HARD_EXIT_CODE = 70  # EX_SOFTWARE: cleanup hung; the clocks may still be locked
+LEFT_LOCKED_EXIT_CODE = 1  # the reset on the way out failed: the clocks may still be locked
 Announce = Callable[[dict[str, Any]], None]
 
 
@@ -231,17 +233,36 @@ async def listen(
     return int(app_runner.addresses[0][1])
 
 
-async def serve(settings: Settings, stop: asyncio.Event, announce: Announce = print_listening) -> None:
-    """Run the sidecar until `stop` is set; always resets the clocks on the way out."""
+async def serve_on(
+    app: web.Application, sock: socket.socket, stack: contextlib.AsyncExitStack, **runner: Any
+) -> int:
+    """Serve `app` on a socket already bound; returns its port."""
+    app_runner = web.AppRunner(app, **runner)
+    await app_runner.setup()
+    stack.push_async_callback(app_runner.cleanup)
+    await web.SockSite(app_runner, sock).start()
+    return int(sock.getsockname()[1])
+
+
+async def serve(settings: Settings, stop: asyncio.Event, announce: Announce = print_listening) -> str | None:
+    """Run the sidecar until `stop` is set; always resets the clocks on the way out.
+
+    Returns None once the clocks were reset, else why the reset failed. The ports are bound
+    before any GPU is touched: a second sidecar started on a taken port exits without resetting
+    the clock the running one holds.
+    """
     backstop = HardExitBackstop(settings.shutdown_timeout_s)
     tracing = setup_tracing(settings)
+    loop: ControlLoop | None = None
     try:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 stack.callback(tracing.shutdown)
+                sockets = bind_ports(settings, stack)
                 sidecar = await build_sidecar(settings, tracing, stack)
+                loop = sidecar.loop
                 await sidecar.loop.start()
-                ports = await start_listeners(sidecar, stack)
+                ports = await start_listeners(sidecar, sockets, stack)
                 # Pushed last, so it runs first: clocks are reset before the gateway drains.
                 stack.push_async_callback(sidecar.loop.shutdown)
                 await run_tasks(sidecar, stop, lambda: announce(ports))
@@ -251,27 +272,56 @@ async def serve(settings: Settings, stop: asyncio.Event, announce: Announce = pr
     finally:
         backstop.cancel()
     log.info("stopped")
+    return None if loop is None else loop.reset_error
 
 
-async def start_listeners(sidecar: Sidecar, stack: contextlib.AsyncExitStack) -> dict[str, Any]:
-    """Bind the sidecar port, the gateway and the admin API; returns the ports bound."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class BoundPorts:
+    """The sidecar's listening sockets, bound before anything else starts."""
+
+    sidecar: socket.socket
+    gateway: socket.socket | None
+    admin: socket.socket | None
+
+
+def bind_ports(settings: Settings, stack: contextlib.ExitStack | contextlib.AsyncExitStack) -> BoundPorts:
+    """Bind every port the settings ask for; OSError (e.g. in use) names the variable and port."""
+
+    def bind(host: str, port: int, field: str) -> socket.socket:
+        try:
+            sock = socket.create_server((host, port), reuse_port=False)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"{env_name(field)}: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from exc
+        stack.callback(sock.close)
+        return sock
+
+    return BoundPorts(
+        sidecar=bind(settings.sidecar_host, settings.sidecar_port, "sidecar_port"),
+        gateway=bind(settings.gateway_host, settings.gateway_port, "gateway_port")
+        if settings.gateway_port
+        else None,
+        admin=bind(ADMIN_HOST, settings.admin_port, "admin_port") if settings.admin_enabled else None,
+    )
+
+
+async def start_listeners(
+    sidecar: Sidecar, sockets: BoundPorts, stack: contextlib.AsyncExitStack
+) -> dict[str, Any]:
+    """Serve the sidecar port, the gateway and the admin API on their bound sockets; the ports."""
     settings = sidecar.settings
     ports: dict[str, Any] = {
-        "sidecar_port": await listen(
-            build_sidecar_app(sidecar.loop, sidecar.metrics),
-            settings.sidecar_host,
-            settings.sidecar_port,
-            stack,
-            access_log=None,
+        "sidecar_port": await serve_on(
+            build_sidecar_app(sidecar.loop, sidecar.metrics), sockets.sidecar, stack, access_log=None
         ),
         "gateway_port": None,
         "admin_port": None,
     }
-    if sidecar.gateway_app is not None:
-        ports["gateway_port"] = await listen(
+    if sidecar.gateway_app is not None and sockets.gateway is not None:
+        ports["gateway_port"] = await serve_on(
             sidecar.gateway_app,
-            settings.gateway_host,
-            settings.gateway_port,
+            sockets.gateway,
             stack,
             shutdown_timeout=GATEWAY_DRAIN_S,
             access_log=None,  # one span per request is the record; a log line each is noise at load
@@ -283,8 +333,9 @@ async def start_listeners(sidecar: Sidecar, stack: contextlib.AsyncExitStack) ->
             if check_live_policy(spec, engine).entry.gates_admission and sidecar.gateway_app is None:
                 raise ValueError(f"policy {spec!r} needs the gateway, and this sidecar runs without one")
 
-        ports["admin_port"] = await listen(
-            build_admin_app(sidecar.loop, check), ADMIN_HOST, settings.admin_port, stack, access_log=None
+        assert sockets.admin is not None  # bound whenever the admin API is enabled
+        ports["admin_port"] = await serve_on(
+            build_admin_app(sidecar.loop, check), sockets.admin, stack, access_log=None
         )
     return ports
 
@@ -303,9 +354,9 @@ async def run_tasks(sidecar: Sidecar, stop: asyncio.Event, ready: Callable[[], N
 
 
 def run_sidecar(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT; 0 after a clean stop."""
+    """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when the clocks could not be reset."""
 
-    async def main() -> None:
+    async def main() -> str | None:
         stop = asyncio.Event()
         running = asyncio.get_running_loop()
 
@@ -318,8 +369,17 @@ def run_sidecar(settings: Settings) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             running.add_signal_handler(sig, on_signal, sig.name)
-        await serve(settings, stop)
+        return await serve(settings, stop)
 
-    asyncio.run(main())
+    reset_error = asyncio.run(main())
     sys.stdout.flush()
+    if reset_error is not None:
+        gpus = ",".join(settings.selected_gpu_uuids) or f"index {settings.gpu_index}"
+        log.critical(
+            "the GPU clocks may still be locked (%s): the reset failed: %s; reset them with "
+            "`nvidia-smi -rgc -i <GPU>` on the node",
+            gpus,
+            reset_error,
+        )
+        return LEFT_LOCKED_EXIT_CODE
     return 0

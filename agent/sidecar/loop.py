@@ -152,6 +152,7 @@ class ControlLoop:
         self._build = build_policy
         self._observers: list[Callable[[DecisionRecord], None]] = []
         self._shut_down = False
+        self.reset_error: str | None = None  # why the shutdown reset failed: the GPUs may stay locked
         self._spec = policy_spec  # the policy asked for
         self._policy: Policy | None = None
         self._gates = False  # the current policy gates admission
@@ -195,7 +196,8 @@ class ControlLoop:
         try:
             await self.actuator.reset()
             self._locked_mhz, self._lock_known = None, True
-        except Exception as exc:  # shutdown goes on; the log says what to do
+        except Exception as exc:  # shutdown goes on; the exit status and the log say what to do
+            self.reset_error = f"{type(exc).__name__}: {exc}"
             log.error("could not reset the clocks of %s on shutdown: %s", self.actuator.name, exc)
         try:
             await self.actuator.close()

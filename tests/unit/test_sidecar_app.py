@@ -164,3 +164,80 @@ def test_backstop_exits_hard_only_when_cleanup_hangs(monkeypatch):
     hung.arm()
     time.sleep(0.3)
     assert exits == [HARD_EXIT_CODE]
+
+
+def test_a_sidecar_that_cannot_bind_its_port_never_touches_the_gpu_the_running_one_steers():
+    async def scenario():
+        gpu = FakeTwinGpu()
+        twin, twin_url = await serve_twin(gpu)
+        engine, engine_url = await start_engine()
+        stop, announced = asyncio.Event(), asyncio.Queue()
+        first = asyncio.create_task(serve(settings(engine_url, twin_url), stop, announced.put_nowait))
+        ports = await asyncio.wait_for(announced.get(), 10)
+
+        async def locked():
+            return gpu.locked == 1050
+
+        await until(locked)
+        seen = list(gpu.requests)
+        second = settings(engine_url, twin_url).model_copy(
+            update={"sidecar_port": ports["sidecar_port"], "policy": "static:900"}
+        )
+        with pytest.raises(
+            OSError, match=f"THROTTLLEM_SIDECAR_PORT: cannot listen on 127.0.0.1:{ports['sidecar_port']}"
+        ):
+            await serve(second, asyncio.Event(), announced.put_nowait)
+        await asyncio.sleep(0.1)
+        touched = gpu.requests[len(seen) :]
+        still = gpu.locked
+        stop.set()
+        await asyncio.wait_for(first, 10)
+        await engine.cleanup()
+        await twin.cleanup()
+        return touched, still
+
+    touched, still = asyncio.run(scenario())
+    assert touched == [] and still == 1050, "the second sidecar reset or re-locked the first one's GPU"
+
+
+def test_a_failed_reset_on_the_way_out_is_reported_and_exits_non_zero(monkeypatch, caplog):
+    from agent.sidecar import app
+
+    class UnresettableGpu(FakeTwinGpu):
+        refuse = False  # once the sidecar runs: its start-up reset succeeds, its last one fails
+
+        async def delete(self, request):
+            if not self.refuse:
+                return await super().delete(request)
+            self.requests.append(("DELETE", None))
+            return web.json_response({"error": "NVML_ERROR_UNKNOWN"}, status=500)
+
+    async def scenario():
+        gpu = UnresettableGpu()
+        twin, twin_url = await serve_twin(gpu)
+        engine, engine_url = await start_engine()
+        stop, announced = asyncio.Event(), asyncio.Queue()
+        task = asyncio.create_task(serve(settings(engine_url, twin_url), stop, announced.put_nowait))
+        await asyncio.wait_for(announced.get(), 10)
+        await until(lambda: locked(gpu))
+        gpu.refuse = True
+        stop.set()
+        error = await asyncio.wait_for(task, 10)
+        await engine.cleanup()
+        await twin.cleanup()
+        return error
+
+    async def locked(gpu):
+        return gpu.locked == 1050
+
+    error = asyncio.run(scenario())
+    assert error is not None and "500" in error, "serve says the reset failed"
+
+    async def failed_reset(*_args, **_kwargs):
+        return error
+
+    monkeypatch.setattr(app, "serve", failed_reset)
+    config = settings("http://127.0.0.1:1", "http://127.0.0.1:1", gpu_uuids="GPU-1")
+    with caplog.at_level("CRITICAL"):
+        assert app.run_sidecar(config) == app.LEFT_LOCKED_EXIT_CODE != 0
+    assert "GPU-1" in caplog.text and "nvidia-smi -rgc" in caplog.text
