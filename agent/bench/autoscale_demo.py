@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from agent.bench.capacities import load_capacities
 from agent.bench.local_backend import LocalBackend, LocalEngine
@@ -42,6 +41,7 @@ from agent.control.scaling import ScalingConfig
 from agent.coordinator.service import Coordinator, wait_period
 from agent.domain import Request
 from agent.policy_registry import build_policy
+from agent.sidecar.app import listen
 from agent.sim.policies import policy_context
 from agent.sim.pool import PoolConfig, SizingKnobs, simulate_pool
 from agent.slo_presets import SloPreset
@@ -306,11 +306,7 @@ async def run_autoscale_live(
         policy=config.policy, slo=config.preset.name, models_dir=config.models_dir, inherit_otel=False
     )
     async with contextlib.AsyncExitStack() as stack:
-        runner = web.AppRunner(router.app(), access_log=None)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        url = f"http://127.0.0.1:{await listen(router.app(), '127.0.0.1', 0, stack, access_log=None)}"
         group = await stack.enter_async_context(ProcessGroup(config.out_dir / "logs"))
         backend = LocalBackend(group, config.setups(), spec, router)
         stack.push_async_callback(backend.close)

@@ -15,9 +15,12 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from agent.bench.autoscale_demo import PoolSample
+from agent.bench.demo import figure
 from agent.bench.report import jsonable
 
 TIMELINE = "timeline.png"
+TOKENS_PER_J = "{:.3f}"  # table-cell formats (agent.bench.demo.figure)
+SHARE = "{:.2%}"
 
 
 def plot_timeline(path: Path, samples: Sequence[PoolSample], summary: dict[str, Any]) -> None:
@@ -64,6 +67,10 @@ def write_autoscale_report(
 def _markdown(summary: dict[str, Any]) -> str:
     base = summary["baseline"]
     saved = summary["saved_pct"]
+
+    def both(name: str, key: str, spec: str) -> str:
+        return f"| {name} | {figure(summary[key], spec)} | {figure(base[key], spec)} |"
+
     lines = [
         f"# Sizing demo: {summary['model']} on {summary['gpu']}, TP {summary['sizes']}",
         "",
@@ -76,11 +83,11 @@ def _markdown(summary: dict[str, Any]) -> str:
         "| --- | --- | --- |",
         f"| policy | autoscale:{summary['policy']} | {base['policy']} on tp{base['tp']} |",
         f"| energy (J) | {summary['energy_j']:.0f} | {base['energy_j']:.0f} |",
-        f"| tokens per joule | {_num(summary['tokens_per_joule'])} | {_num(base['tokens_per_joule'])} |",
-        f"| SLO attainment | {_pct(summary['slo_attainment'])} | {_pct(base['slo_attainment'])} |",
+        both("tokens per joule", "tokens_per_joule", TOKENS_PER_J),
+        both("SLO attainment", "slo_attainment", SHARE),
         f"| answered | {summary['answered']} of {summary['requests']} (lost {summary['lost']}) | |",
         "",
-        f"Energy saved against the fixed pool: {_num(saved, '{:.1f}')}%. Clocks reset as each engine "
+        f"Energy saved against the fixed pool: {figure(saved, '{:.1f}')}%. Clocks reset as each engine "
         f"stopped: {'yes' if summary['clocks_reset_on_exit'] else 'NO'}. From a shadow's start to "
         f"traffic moving to it: {', '.join(f'{t:.1f} s' for t in summary['decision_to_switch_s']) or '—'} "
         "(the local twins start in seconds; a real TensorRT-LLM engine takes 20 s or more).",
@@ -99,11 +106,3 @@ def _markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _num(value: float | None, spec: str = "{:.3f}") -> str:
-    return "—" if value is None else spec.format(value)
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2%}"

@@ -23,7 +23,7 @@ from agent.cli.common import (
     stderr,
     stdout,
 )
-from agent.config import Settings, load_settings
+from agent.config import Settings
 from agent.coordinator.settings import parse_sizes
 from agent.slo_presets import load_slo_preset
 
@@ -128,7 +128,8 @@ def render_pool(state: AutoscaleState) -> Table:
 
 def print_pool_summary(summary: dict[str, Any]) -> None:
     """The sizing demo's comparison and what it did."""
-    from agent.bench.autoscale_report import _num, _pct
+    from agent.bench.autoscale_report import SHARE, TOKENS_PER_J
+    from agent.bench.demo import figure
 
     base = summary["baseline"]
     print_table(
@@ -142,8 +143,16 @@ def print_pool_summary(summary: dict[str, Any]) -> None:
         ),
         [
             ("energy (J)", f"{summary['energy_j']:,.0f}", f"{base['energy_j']:,.0f}"),
-            ("tokens per joule", _num(summary["tokens_per_joule"]), _num(base["tokens_per_joule"])),
-            ("SLO attainment", _pct(summary["slo_attainment"]), _pct(base["slo_attainment"])),
+            (
+                "tokens per joule",
+                figure(summary["tokens_per_joule"], TOKENS_PER_J),
+                figure(base["tokens_per_joule"], TOKENS_PER_J),
+            ),
+            (
+                "SLO attainment",
+                figure(summary["slo_attainment"], SHARE),
+                figure(base["slo_attainment"], SHARE),
+            ),
             ("answered", f"{summary['answered']} of {summary['requests']}", "—"),
         ],
     )
@@ -156,8 +165,8 @@ def print_pool_summary(summary: dict[str, Any]) -> None:
         f"{'yes' if summary['clocks_reset_on_exit'] else '[red]NO[/red]'}"
     )
     console.print(
-        f"Energy saved vs the fixed pool: {_num(summary['saved_pct'], '{:.1f}')}% (the baseline is simulated "
-        "on the same requests)"
+        f"Energy saved vs the fixed pool: {figure(summary['saved_pct'], '{:.1f}')}% "
+        "(the baseline is simulated on the same requests)"
     )
     console.print(f"Report: {summary['report_dir']}/report.md (summary.json, timeline.png, logs/)")
 
@@ -187,8 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the live demo and print (or `--json`) the comparison."""
     from agent.bench.demo import run_demo  # matplotlib: slow to import
 
-    settings = load_settings()
-    engine = AUTOSCALE_ENGINE if args.autoscale else (settings.gpu, settings.model)
+    engine = AUTOSCALE_ENGINE if args.autoscale else args.default_engine
     args.gpu, args.model = args.gpu or engine[0], args.model or engine[1]
     args.out = args.out or (DEFAULT_AUTOSCALE_OUT if args.autoscale else DEFAULT_OUT)
     if args.autoscale:
@@ -315,7 +323,8 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         "coordinator through a burst of trace requests, compared with a fixed pool (simulated).",
     )
     add_setup_args(demo)
-    demo.set_defaults(gpu=None, model=None)  # resolved in cmd_demo: the sizing demo has its own engine
+    # Resolved in cmd_demo: the sizing demo has its own engine.
+    demo.set_defaults(gpu=None, model=None, default_engine=(settings.gpu, settings.model))
     for action in demo._actions:
         if action.dest in ("gpu", "model"):
             autoscale = AUTOSCALE_ENGINE[0 if action.dest == "gpu" else 1]

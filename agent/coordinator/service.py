@@ -167,11 +167,8 @@ class Coordinator:
         now = self.clock()
         if not await self._run_pending(now):  # what failed last period goes first, alone
             return
-        shadow = self.state.shadow_size if self.state.mode is ScalingMode.STARTING else None
-        if shadow is not None and await self._ready(shadow):
-            self._observe(ShadowReady(now, shadow), now)
-            if not await self._run_pending(now):
-                return
+        if not await self._switch_to_ready_shadow(now):
+            return
         rate = await self._arrival_rate(now)
         if rate is not None:
             self._observe(LoadObserved(now, rate), now)
@@ -183,13 +180,17 @@ class Coordinator:
     async def check_shadow(self) -> None:
         """Between ticks: move traffic as soon as the starting shadow is ready, not a period later."""
         assert self.state is not None, "call start() first"
-        if self._pending or self.state.mode is not ScalingMode.STARTING:
-            return
-        shadow = self.state.shadow_size
-        if shadow is not None and await self._ready(shadow):
-            now = self.clock()
-            self._observe(ShadowReady(now, shadow), now)
-            await self._run_pending(now)
+        if not self._pending:  # what failed waits for the tick, which retries it first
+            await self._switch_to_ready_shadow(self.clock())
+
+    async def _switch_to_ready_shadow(self, now: float) -> bool:
+        """Route to the starting shadow if it is ready; False when an action it needs failed."""
+        assert self.state is not None
+        shadow = self.state.shadow_size if self.state.mode is ScalingMode.STARTING else None
+        if shadow is None or not await self._ready(shadow):
+            return True
+        self._observe(ShadowReady(now, shadow), now)
+        return await self._run_pending(now)
 
     async def _ready(self, size: int) -> bool:
         try:

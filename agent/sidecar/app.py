@@ -226,11 +226,9 @@ async def listen(
     app: web.Application, host: str, port: int, stack: contextlib.AsyncExitStack, **runner: Any
 ) -> int:
     """Serve `app` on host:port (0: any free port); returns the port."""
-    app_runner = web.AppRunner(app, **runner)
-    await app_runner.setup()
-    stack.push_async_callback(app_runner.cleanup)
-    await web.TCPSite(app_runner, host, port).start()
-    return int(app_runner.addresses[0][1])
+    sock = socket.create_server((host, port))
+    stack.callback(sock.close)
+    return await serve_on(app, sock, stack, **runner)
 
 
 async def serve_on(
@@ -289,7 +287,7 @@ def bind_ports(settings: Settings, stack: contextlib.ExitStack | contextlib.Asyn
 
     def bind(host: str, port: int, field: str) -> socket.socket:
         try:
-            sock = socket.create_server((host, port), reuse_port=False)
+            sock = socket.create_server((host, port))
         except OSError as exc:
             raise OSError(
                 exc.errno, f"{env_name(field)}: cannot listen on {host}:{port}: {exc.strerror}"
