@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from agent.cli import bench, coordinator, demo, load, models, pool, replay, run, simulate, twin
+from agent.cli import bench, coordinator, demo, load, models, node, pool, replay, run, simulate, twin
 from agent.cli.common import CliError, stderr
 from agent.config import load_settings
 
-COMMAND_GROUPS = (simulate, demo, replay, twin, models, pool, bench, run, coordinator, load)
+COMMAND_GROUPS = (simulate, demo, replay, twin, models, pool, bench, run, coordinator, load, node)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import TypeVar
 
 from agent.domain import GpuSpec
 from agent.gpus.base import (
@@ -27,6 +28,7 @@ from agent.gpus.dcgm import DEFAULT_URL as DCGM_DEFAULT_URL
 from agent.gpus.dcgm import DcgmMeter
 from agent.gpus.dryrun import DryRunActuator
 from agent.gpus.group import ActuatorGroup, MeterGroup, open_all
+from agent.gpus.node_agent import LeaseRefusedError, NodeAgentActuator, NodeAgentTarget
 from agent.gpus.nvml import NvmlActuator, NvmlMeter
 from agent.gpus.twin import TwinActuator, TwinMeter
 
@@ -41,8 +43,11 @@ __all__ = [
     "GpuControlError",
     "GpuLostError",
     "GpuNotFoundError",
+    "LeaseRefusedError",
     "Meter",
     "MeterGroup",
+    "NodeAgentActuator",
+    "NodeAgentTarget",
     "NotSupportedError",
     "NvmlActuator",
     "NvmlMeter",
@@ -59,7 +64,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ACTUATOR_KINDS = ("nvml", "twin", "dryrun")
+T = TypeVar("T")
+
+ACTUATOR_KINDS = ("nvml", "twin", "dryrun", "node")
 METER_KINDS = ("nvml", "dcgm", "twin")
 
 
@@ -70,8 +77,9 @@ async def build_actuator(
     index: int | None = None,
     twin_url: str | None = None,
     gpu_spec: GpuSpec | None = None,
+    node_agent: NodeAgentTarget | None = None,
 ) -> Actuator:
-    """Open the actuator `kind`: nvml (by uuid or index), twin (twin_url), or dryrun.
+    """Open the actuator `kind`: nvml (by uuid or index), twin (twin_url), dryrun, or node (node_agent).
 
     dryrun observes the twin when given twin_url, NVML read-only when given uuid or index
     (falling back to gpu_spec's clocks if NVML is unusable), else takes gpu_spec's clocks.
@@ -83,6 +91,9 @@ async def build_actuator(
             return await TwinActuator.open(_required(twin_url, "twin_url", kind))
         case "dryrun":
             return await _dry_run(uuid, index, twin_url, gpu_spec)
+        case "node":
+            target = _required(node_agent, "node_agent", kind)
+            return await NodeAgentActuator.open(target, () if uuid is None else (uuid,))
     raise ValueError(f"unknown actuator kind {kind!r}; allowed: {', '.join(ACTUATOR_KINDS)}")
 
 
@@ -124,12 +135,16 @@ async def open_engine_actuator(
     index: int | None = None,
     twin_url: str | None = None,
     gpu_spec: GpuSpec | None = None,
+    node_agent: NodeAgentTarget | None = None,
 ) -> Actuator:
     """The actuator of a whole engine: every GPU in `uuids` locked as one (see `agent.gpus.group`).
 
     One UUID (or an index) is `build_actuator`'s single GPU. The twin serves one engine and
-    steers all its GPUs behind one endpoint, so it needs no list.
+    steers all its GPUs behind one endpoint, so it needs no list. The node agent leases them
+    all on one connection (no list: every GPU it allows this pod).
     """
+    if kind == "node":
+        return await NodeAgentActuator.open(_required(node_agent, "node_agent", kind), tuple(uuids))
     if len(uuids) <= 1 or kind == "twin":
         return await build_actuator(
             kind, uuid=uuids[0] if uuids else None, index=index, twin_url=twin_url, gpu_spec=gpu_spec
@@ -187,7 +202,7 @@ async def _observing_nvml(
     return await DryRunActuator.observing(observed)
 
 
-def _required(value: str | None, what: str, kind: str) -> str:
+def _required(value: T | None, what: str, kind: str) -> T:
     if value is None:
         raise ValueError(f"a {kind} backend needs {what}")
     return value

@@ -110,7 +110,7 @@ def test_factories_list_the_allowed_kinds():
         asyncio.run(build_actuator("rocm"))
     with pytest.raises(ValueError, match="allowed: nvml, dcgm, twin"):
         asyncio.run(build_meter("rapl"))
-    assert ACTUATOR_KINDS == ("nvml", "twin", "dryrun") and METER_KINDS == ("nvml", "dcgm", "twin")
+    assert ACTUATOR_KINDS == ("nvml", "twin", "dryrun", "node") and METER_KINDS == ("nvml", "dcgm", "twin")
 
 
 def test_dry_run_factory_needs_a_clock_source():
