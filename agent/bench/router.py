@@ -4,7 +4,8 @@ On Kubernetes a Service's selector does this; locally, clients talk to this prox
 each request, bodies streamed both ways (token streams stay unbuffered), to the gateway of the
 engine it points at. A request keeps the upstream it started on, so a switch never cuts a stream:
 only requests that arrive after it go to the new engine. Without an upstream it answers 503 with
-Retry-After. Bodies are bounded (`MAX_REQUEST_BYTES`, as the sidecar's gateway bounds them).
+Retry-After. Bodies are bounded as the sidecar's gateway bounds them by default
+(`GatewayLimits.max_body_bytes`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from agent.sidecar.gateway import MAX_REQUEST_BYTES, without_hop_by_hop
+from agent.sidecar.gateway import GatewayLimits, without_hop_by_hop
 
 CONNECT_TIMEOUT_S = 10.0
 RETRY_AFTER_S = 1
@@ -35,7 +36,7 @@ class Router:
 
     def app(self) -> web.Application:
         """The aiohttp application serving every path."""
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app = web.Application(client_max_size=GatewayLimits().max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._relay)
         app.on_cleanup.append(self._close)
         return app

@@ -2,30 +2,47 @@
 
 An unmodified engine tells nobody when a request arrives, how long its prompt is or when its
 tokens stream out, yet the controller's scoreboard needs all of it per request (reference/
-throttllem.md §3.4). So clients talk to the gateway, and for every LLM request it:
+throttllem.md §3.4). So clients talk to the gateway, and for every LLM request (Triton generate,
+generate_stream and infer; OpenAI completions and chat completions) it:
 
-1. sizes the request (`llm_protocol.read_request`) and registers it with the `RequestTracker`;
-   a full hold queue is answered 429 + Retry-After in the route's own error shape;
-2. waits until the control loop admits it (bounded by the tracker's `max_hold_s`, fail-open);
-3. forwards it unchanged but for hop-by-hop fields (RFC 9110 §7.6.1), adding X-Forwarded-*
-   and the W3C `traceparent` of its span;
-4. relays the answer as it arrives — SSE chunk by chunk, never buffered — and reports the first
+1. refuses what it can before reading the body: gateway closing (503), hold queue full (429),
+   a Content-Length over the limit (413);
+2. reads the body within its limits (`limits`: size, time, the bytes all bodies may hold at
+   once), sizes the request (`llm_protocol.read_request`) and registers it with the
+   `RequestTracker`;
+3. waits until the control loop admits it (bounded by the tracker's `max_hold_s`, fail-open);
+4. forwards it unchanged but for hop-by-hop fields (RFC 9110 §7.6.1), appending itself to
+   X-Forwarded-For and Forwarded, setting X-Forwarded-Host/Proto, adding its span's
+   `traceparent`;
+5. relays the answer as it arrives — SSE chunk by chunk, never buffered — and reports the first
    token and every later one to the tracker;
-5. finishes the ticket exactly once, whatever happened (try/finally).
+6. finishes the ticket exactly once, whatever happened (try/finally).
 
-Every other method and path is passed through untracked, bodies streamed both ways.
+Only the inference API goes through (`paths`: health, metadata and model readiness untracked,
+`THROTTLLEM_GATEWAY_ALLOW_PATHS` for more); their bodies obey the same limits, answers stream.
+The listener itself caps connections and times request heads (`connections`).
 
-Failures and what the client sees:
+Failures and what the client sees (outcomes are span attributes and /metrics labels):
 
     upstream refused / unreachable      502, route's error shape         outcome upstream_error
     no answer within request_timeout_s  504, route's error shape         outcome upstream_error
     upstream non-2xx, or an error event relayed as is                   outcome upstream_error
     upstream breaks mid-stream          connection closed (truncated)    outcome upstream_error
     client goes away                    upstream request closed          outcome client_disconnected
+    client goes away after [DONE]       nothing lost: the answer was whole  outcome ok
     hold queue full / gateway closing   429 / 503 + Retry-After          outcome rejected
+    bodies in memory at their bound     503 + Retry-After                outcome rejected
+    body over the size limit            413, before reading it           outcome refused
+    body slower than body_timeout_s     408, connection closed           outcome refused
+    counts beyond INT32, JSON too deep  400, route's error shape         outcome refused
+    path not in the inference API       403 (405: known path, other method)  passthrough refused
+    connections over the cap            503 + Retry-After, closed at once (connections)
+    request head slower than its limit  connection closed (connections)
 
-A client that disconnects is noticed at the next write (or at once when the server runs with
-`handler_cancellation`), and the upstream connection is then closed so the engine stops work.
+The gateway's server runs with `handler_cancellation` (`server_options`): a client that
+disconnects is noticed at once, even while a non-streamed answer is awaited, and the upstream
+connection is then closed so the engine stops work. On shutdown `drain` keeps the listener
+open, answering 503 + Retry-After, while the requests in flight finish.
 """
 
 from __future__ import annotations
@@ -33,10 +50,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import math
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -46,9 +64,17 @@ from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from yarl import URL
 
+from agent.sidecar.connections import (
+    ConnectionBudget,
+    GuardedSite,
+    default_max_connections,
+    request_phase_middleware,
+)
+from agent.sidecar.limits import BodyBudget, BodyRefusedError, BufferedBody, read_body, retry_after_header
 from agent.sidecar.llm_protocol import (
     TRACKED_ROUTES,
     Api,
+    MalformedRequestError,
     RequestFacts,
     ResponseTokens,
     Route,
@@ -56,6 +82,7 @@ from agent.sidecar.llm_protocol import (
     error_body,
     read_request,
 )
+from agent.sidecar.paths import PathPolicy, Verdict
 from agent.sidecar.prompt_tokens import PromptTokenCounter
 from agent.sidecar.sse import SseParser
 from agent.sidecar.tracker import HoldQueueFullError, RequestTracker, Ticket
@@ -66,8 +93,9 @@ TRACER_NAME = "throttllem.gateway"
 PASSTHROUGH = "passthrough"  # the route label of untracked requests
 DEFAULT_MAX_TOKENS = 1024  # a Triton or chat request without a limit (Triton itself requires one)
 CONNECT_TIMEOUT_S = 10.0  # a black-holed upstream fails fast instead of after request_timeout_s
-MAX_REQUEST_BYTES = 64 * 1024 * 1024  # long-context prompts exceed aiohttp's 1 MiB default
 SHUTDOWN_RETRY_AFTER_S = 1.0
+BINARY_HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe v2 binary tensor extension
+BODY_WAIT_S = 1.0  # a body that finds the body budget spent waits this long for room, then 503
 
 # RFC 9110 §7.6.1, plus the proxy-authentication pair and Trailer of RFC 2616 §13.5.1.
 HOP_BY_HOP = frozenset(
@@ -101,11 +129,42 @@ ATTR_TTFT_S = "throttllem.ttft_s"  # arrival at the gateway (hold included) to t
 ATTR_OUTCOME = "throttllem.outcome"
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    """What one client may cost the sidecar (THROTTLLEM_GATEWAY_* settings).
+
+    16 MiB of body is ~4 M tokens of text, 30x the longest context windows served today (128k
+    tokens ~ 0.5 MB); 32 MiB of bodies at once is two of the largest or thousands of usual ones.
+    Parsing and sending a body costs about three times its bytes more, briefly: measured on
+    loopback, 8 concurrent 15 MB bodies raised RSS by ~140 MB, 8 concurrent 60 MB ones (413
+    before reading, or cut off at 16 MiB when chunked) by 2-20 MB, where the unbounded gateway
+    took ~560 MB — the sidecar stays well inside its 512 MiB memory limit.
+    """
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    body_buffer_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    max_connections: int | None = (
+        None  # None: what RLIMIT_NOFILE leaves (connections.default_max_connections)
+    )
+    allow_paths: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes > self.body_buffer_bytes:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) must not exceed body_buffer_bytes "
+                f"({self.body_buffer_bytes}): the largest body must fit the buffer"
+            )
+
+
 class Outcome(enum.StrEnum):
     """How a request through the gateway ended."""
 
     OK = "ok"
-    REJECTED = "rejected"
+    REJECTED = "rejected"  # no capacity now: 429 or 503 with Retry-After
+    REFUSED = "refused"  # the request itself is unacceptable: 400, 403, 405, 408, 413
     UPSTREAM_ERROR = "upstream_error"
     CLIENT_DISCONNECTED = "client_disconnected"
     ERROR = "error"  # a bug in the gateway; aiohttp answers 500
@@ -116,8 +175,9 @@ class GatewayStats:
     """Totals since start, read by the sidecar's /metrics at scrape time."""
 
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (route, outcome)
-    rejected: Counter[int] = field(default_factory=Counter)  # by status the gateway answered: 429, 503
+    rejected: Counter[int] = field(default_factory=Counter)  # by status the gateway answered itself
     upstream_errors: int = 0  # upstream unreachable, timed out, or broken mid-response
+    client_disconnects: int = 0  # clients that left before their answer was whole
     streamed_tokens: int = 0  # output tokens counted from SSE events
     body_tokens: int = 0  # output tokens counted from whole (non-streamed) answers
 
@@ -127,11 +187,28 @@ class _Exchange:
     """One tracked request on its way through."""
 
     route: Route
-    facts: RequestFacts
+    facts: RequestFacts | None = None  # known once the body is read
     ticket: Ticket | None = None
     outcome: Outcome = Outcome.ERROR
     status: int | None = None  # what the client was answered
     tokens: int = 0
+    whole: bool = False  # the answer's end marker was relayed: a disconnect after it loses nothing
+
+    def client_left(self) -> None:
+        """The server cancelled the handler: the client went away (harmlessly, once the answer was whole)."""
+        self.outcome = Outcome.OK if self.whole else Outcome.CLIENT_DISCONNECTED
+
+
+class _RefusalError(Exception):
+    """The gateway answers this itself: status, message, and Retry-After when it is worth retrying."""
+
+    def __init__(
+        self, status: int, message: str, retry_after_s: float | None = None, allow: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.allow = allow  # a 405's Allow header
 
 
 class _UpstreamFailedError(Exception):
@@ -158,6 +235,7 @@ class Gateway:
         client_session: aiohttp.ClientSession | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         tracer_provider: trace.TracerProvider | None = None,
+        limits: GatewayLimits | None = None,
     ) -> None:
         upstream = URL(upstream_url)
         if not upstream.absolute or upstream.scheme not in ("http", "https"):
@@ -177,6 +255,13 @@ class Gateway:
         )
         self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
         self._closed = False
+        self.limits = limits or GatewayLimits()
+        self.paths = PathPolicy(self.limits.allow_paths)
+        self.bodies = BodyBudget(self.limits.body_buffer_bytes, BODY_WAIT_S)
+        self.connections: ConnectionBudget | None = None  # set when served on a GuardedSite
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def routes(self) -> list[web.RouteDef]:
         """Tracked LLM routes first, then the catch-all pass-through."""
@@ -189,6 +274,30 @@ class Gateway:
         if self._owns_session and self._session is not None:
             await self._session.close()
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Answer new requests 503 + Retry-After, and wait (up to `timeout_s`) for those in flight.
+
+        The listener stays open meanwhile, so clients are told to retry rather than refused a
+        connection. True when nothing is left in flight.
+        """
+        self._closed = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("gateway drain: %d requests still in flight after %g s", self._in_flight, timeout_s)
+            return False
+        return True
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
     # -- tracked requests ------------------------------------------------------------------------
 
     def _tracked_handler(self, route: Route) -> _Handler:
@@ -198,78 +307,125 @@ class Gateway:
         return handle
 
     async def _tracked(self, route: Route, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        facts = read_request(
-            route, body, request.match_info.get("model"), self.prompt_tokens, self.default_max_tokens
-        )
-        exchange = _Exchange(route, facts)
-        attributes: dict[str, str | bool | int] = {
-            ATTR_ROUTE: route.path,
-            ATTR_METHOD: request.method,
-            ATTR_STREAM: facts.stream,
-            ATTR_PROMPT_TOKENS: facts.prompt_tokens,
-            ATTR_MAX_TOKENS: facts.max_tokens,
-        }
-        if facts.model is not None:
-            attributes[ATTR_MODEL] = facts.model
+        exchange = _Exchange(route)
         with self._tracer.start_as_current_span(
             f"{request.method} {route.path}",
             context=extract(request.headers),
             kind=SpanKind.SERVER,
-            attributes=attributes,
+            attributes={ATTR_ROUTE: route.path, ATTR_METHOD: request.method},
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
+            self._enter()
             try:
-                return await self._admit_and_forward(request, body, exchange)
+                return await self._read_admit_forward(request, exchange, span)
             except asyncio.CancelledError:  # the server cancels handlers of vanished clients
-                exchange.outcome = Outcome.CLIENT_DISCONNECTED
+                exchange.client_left()
                 raise
             except Exception as exc:
                 exchange.outcome = Outcome.ERROR
                 span.record_exception(exc)
                 raise
             finally:
+                self._leave()
                 self._record(exchange, span)
 
-    async def _admit_and_forward(
-        self, request: web.Request, body: bytes, exchange: _Exchange
+    async def _read_admit_forward(
+        self, request: web.Request, exchange: _Exchange, span: Span
     ) -> web.StreamResponse:
+        """Refusals that need no body first, then the body, then admission and the engine."""
+        try:
+            self._check_capacity()
+            body = await self._read_body(request)
+        except _RefusalError as exc:
+            return await self._refuse(request, exchange, exc)
+        try:
+            try:
+                facts = read_request(
+                    exchange.route,
+                    json_part(request.headers, body.data),
+                    request.match_info.get("model"),
+                    self.prompt_tokens,
+                    self.default_max_tokens,
+                )
+            except MalformedRequestError as exc:
+                return await self._refuse(request, exchange, _RefusalError(400, str(exc)))
+            exchange.facts = facts
+            span.set_attributes(_fact_attributes(facts))
+            return await self._admit_and_forward(request, body, exchange)
+        finally:
+            body.release()
+
+    def _check_capacity(self) -> None:
+        """503 while closing, 429 when the hold queue is full: both before a body byte is read."""
         if self._closed:
-            return await self._refuse(
-                request, exchange, 503, "the gateway is shutting down", SHUTDOWN_RETRY_AFTER_S
+            raise _RefusalError(503, "the gateway is shutting down", SHUTDOWN_RETRY_AFTER_S)
+        try:
+            self.tracker.check_room()
+        except HoldQueueFullError as exc:
+            raise _RefusalError(429, str(exc), exc.retry_after_s) from None
+
+    async def _read_body(self, request: web.Request) -> BufferedBody:
+        try:
+            return await read_body(
+                request,
+                max_body_bytes=self.limits.max_body_bytes,
+                budget=self.bodies,
+                timeout_s=self.limits.body_timeout_s,
             )
+        except BodyRefusedError as exc:
+            raise _RefusalError(exc.status, str(exc), exc.retry_after_s) from None
+
+    async def _admit_and_forward(
+        self, request: web.Request, body: BufferedBody, exchange: _Exchange
+    ) -> web.StreamResponse:
+        assert exchange.facts is not None  # read before admission
         try:
             ticket = self.tracker.arrive(exchange.facts.prompt_tokens, exchange.facts.max_tokens)
         except HoldQueueFullError as exc:
-            return await self._refuse(request, exchange, 429, str(exc), exc.retry_after_s)
+            return await self._refuse(request, exchange, _RefusalError(429, str(exc), exc.retry_after_s))
         exchange.ticket = ticket
         try:
             await self.tracker.wait_admitted(ticket)
             headers = forward_headers(request, tracked=True)
             inject(headers)  # the current span (ours) becomes the engine's parent
             try:
-                upstream = await self._open(request, headers, body)
+                upstream = await self._open(request, headers, body.data)
             except _UpstreamFailedError as exc:
                 exchange.outcome = Outcome.UPSTREAM_ERROR
                 return await self._answer_error(request, exchange, exc)
+            finally:
+                body.release()  # the engine has it (or never will): free the budget now
             try:
                 return await self._relay(request, upstream, exchange)
             finally:
                 _done(upstream)
+        except asyncio.CancelledError:
+            exchange.client_left()  # before the ticket is finished with it
+            raise
         finally:
             self.tracker.finish(ticket, ok=exchange.outcome is Outcome.OK)
 
     async def _refuse(
-        self, request: web.Request, exchange: _Exchange, status: int, message: str, retry_after_s: float
+        self, request: web.Request, exchange: _Exchange, refusal: _RefusalError
     ) -> web.StreamResponse:
-        """429 (hold queue full) or 503 (closing): never a silent drop."""
-        exchange.outcome = Outcome.REJECTED
-        exchange.status = status
-        self.stats.rejected[status] += 1
-        response = _error_response(exchange.route.api, status, message)
-        response.headers["Retry-After"] = str(max(0, math.ceil(retry_after_s)))
+        """The gateway's own answer, in the route's error shape: never a silent drop."""
+        exchange.outcome = Outcome.REJECTED if refusal.retry_after_s is not None else Outcome.REFUSED
+        exchange.status = refusal.status
+        response = self._refusal_response(request, exchange.route.api, refusal)
         await _deliver(request, response)
+        return response
+
+    def _refusal_response(self, request: web.Request, api: Api, refusal: _RefusalError) -> web.Response:
+        """Counted by status; the connection is closed after it when the body was left unread."""
+        self.stats.rejected[refusal.status] += 1
+        response = _error_response(api, refusal.status, str(refusal))
+        if refusal.retry_after_s is not None:
+            response.headers["Retry-After"] = retry_after_header(refusal.retry_after_s)
+        if refusal.allow is not None:
+            response.headers["Allow"] = refusal.allow
+        if refusal.status in (408, 413) or (request.body_exists and not request.content.is_eof()):
+            response.force_close()
         return response
 
     async def _answer_error(
@@ -310,11 +466,14 @@ class Gateway:
         def count(chunk: bytes) -> None:
             for event in parser.feed(chunk):
                 self._report(exchange, tokens.event(event), streamed=True)
+            exchange.whole = tokens.done
 
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=response_headers(upstream, True)
         )
         outcome = await self._pump(request, upstream, response, count)
+        if outcome is Outcome.CLIENT_DISCONNECTED and exchange.whole:
+            outcome = Outcome.OK  # e.g. the openai SDK closes right after `data: [DONE]`
         if outcome is Outcome.OK:
             for event in parser.close():
                 self._report(exchange, tokens.event(event), streamed=True)
@@ -329,12 +488,12 @@ class Gateway:
     ) -> tuple[web.StreamResponse, Outcome]:
         """A whole answer: its tokens all arrive at once, when it does."""
         try:
-            body = await upstream.read()
+            body = await upstream.read()  # a client leaving meanwhile cancels this (handler_cancellation)
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = self._upstream_failed(exc, "while sending its answer")
             return await self._answer_error(request, exchange, failure), Outcome.UPSTREAM_ERROR
         if 200 <= upstream.status < 300:
-            self._report(exchange, tokens.body(body), streamed=False)
+            self._report(exchange, tokens.body(json_part(upstream.headers, body)), streamed=False)
         response = web.Response(
             status=upstream.status,
             reason=upstream.reason,
@@ -378,34 +537,61 @@ class Gateway:
         span.set_attributes(attributes)
         if exchange.outcome is not Outcome.OK:
             span.set_status(Status(StatusCode.ERROR, exchange.outcome.value))
-        self.stats.requests[(exchange.route.path, exchange.outcome.value)] += 1
+        self._count(exchange.route.path, exchange.outcome)
+
+    def _count(self, route: str, outcome: Outcome) -> None:
+        self.stats.requests[(route, outcome.value)] += 1
+        if outcome is Outcome.CLIENT_DISCONNECTED:
+            self.stats.client_disconnects += 1
 
     # -- pass-through ----------------------------------------------------------------------------
 
     async def _passthrough(self, request: web.Request) -> web.StreamResponse:
-        """Anything that is not an LLM request: relayed untracked, bodies streamed both ways."""
+        """Health, metadata, readiness (and allow-listed paths): relayed untracked, answers streamed."""
         api = api_for_path(request.path)
-        if self._closed:
-            response = _error_response(api, 503, "the gateway is shutting down")
-            response.headers["Retry-After"] = str(math.ceil(SHUTDOWN_RETRY_AFTER_S))
-            self.stats.rejected[503] += 1
-            self.stats.requests[(PASSTHROUGH, Outcome.REJECTED.value)] += 1
+        self._enter()
+        try:
+            try:
+                self._check_path(request)
+                if self._closed:
+                    raise _RefusalError(503, "the gateway is shutting down", SHUTDOWN_RETRY_AFTER_S)
+                body = await self._read_body(request) if request.body_exists else None
+            except _RefusalError as exc:
+                outcome = Outcome.REJECTED if exc.retry_after_s is not None else Outcome.REFUSED
+                self._count(PASSTHROUGH, outcome)
+                return self._refusal_response(request, api, exc)
+            try:
+                data = None if body is None else body.data
+                upstream = await self._open(request, forward_headers(request, tracked=False), data)
+            except _UpstreamFailedError as exc:
+                self._count(PASSTHROUGH, Outcome.UPSTREAM_ERROR)
+                return _error_response(api, exc.status, str(exc))
+            finally:
+                if body is not None:
+                    body.release()
+            try:
+                response = web.StreamResponse(
+                    status=upstream.status, reason=upstream.reason, headers=response_headers(upstream, False)
+                )
+                outcome = await self._pump(request, upstream, response, None)
+            finally:
+                _done(upstream)
+            self._count(PASSTHROUGH, outcome)
             return response
-        data = request.content if request.body_exists else None
-        try:
-            upstream = await self._open(request, forward_headers(request, tracked=False), data)
-        except _UpstreamFailedError as exc:
-            self.stats.requests[(PASSTHROUGH, Outcome.UPSTREAM_ERROR.value)] += 1
-            return _error_response(api, exc.status, str(exc))
-        try:
-            response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason, headers=response_headers(upstream, False)
-            )
-            outcome = await self._pump(request, upstream, response, None)
         finally:
-            _done(upstream)
-        self.stats.requests[(PASSTHROUGH, outcome.value)] += 1
-        return response
+            self._leave()
+
+    def _check_path(self, request: web.Request) -> None:
+        """403 outside the inference API (and the allow-list), 405 for a method a path does not take."""
+        path = request.rel_url.raw_path
+        verdict = self.paths.verdict(request.method, path)
+        if verdict is Verdict.FORBIDDEN:
+            raise _RefusalError(
+                403, f"{path} is not forwarded by the gateway (THROTTLLEM_GATEWAY_ALLOW_PATHS)"
+            )
+        if verdict is Verdict.WRONG_METHOD:
+            allowed = ", ".join(self.paths.allowed_methods(path))
+            raise _RefusalError(405, f"{request.method} is not allowed on {path}", allow=allowed)
 
     # -- upstream I/O ----------------------------------------------------------------------------
 
@@ -484,7 +670,10 @@ class Gateway:
 
 def build_gateway_app(gateway: Gateway) -> web.Application:
     """The gateway as its own application (its own port); closes the gateway on cleanup."""
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(
+        client_max_size=gateway.limits.max_body_bytes, middlewares=[request_phase_middleware]
+    )
+    app[GATEWAY_KEY] = gateway
     app.add_routes(gateway.routes())
 
     async def close(_: web.Application) -> None:
@@ -492,6 +681,27 @@ def build_gateway_app(gateway: Gateway) -> web.Application:
 
     app.on_cleanup.append(close)
     return app
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def server_options(limits: GatewayLimits) -> dict[str, Any]:
+    """How the gateway's aiohttp server runs: clients that leave cancel their handler; idle bound."""
+    return {"handler_cancellation": True, "keepalive_timeout": limits.idle_timeout_s}
+
+
+async def start_gateway_site(runner: web.AppRunner, sock: socket.socket) -> GuardedSite:
+    """Serve the gateway app of `runner` (set up with `server_options`) on a bound socket."""
+    gateway = runner.app[GATEWAY_KEY]
+    limits = gateway.limits
+    max_connections = limits.max_connections or default_max_connections()
+    site = GuardedSite(
+        runner, sock, max_connections=max_connections, header_timeout_s=limits.header_timeout_s
+    )
+    await site.start()
+    gateway.connections = site.connections
+    return site
 
 
 def without_hop_by_hop(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -506,22 +716,38 @@ def without_hop_by_hop(headers: Mapping[str, str]) -> CIMultiDict[str]:
 
 
 def forward_headers(request: web.Request, *, tracked: bool) -> CIMultiDict[str]:
-    """The client's headers for the upstream: end-to-end fields only, plus X-Forwarded-*.
+    """The client's headers for the upstream: end-to-end fields only, plus the proxy's own.
 
     Host becomes the upstream's. A tracked request asks for an identity encoding, since the
     gateway reads its answer; Content-Length is recomputed from the body the gateway read.
+    The peer is appended to X-Forwarded-For and Forwarded (RFC 7239: each proxy adds the
+    address it received from, earlier entries are kept as the client claims them);
+    X-Forwarded-Host and -Proto say what this hop saw, whatever the client sent.
     """
     headers = without_hop_by_hop(request.headers)
-    for name in ("Host", "Expect", *(("Content-Length", "Accept-Encoding") if tracked else ())):
+    for name in ("Host", "Expect", "Content-Length", *(("Accept-Encoding",) if tracked else ())):
         headers.popall(name, None)
     if tracked:
         headers["Accept-Encoding"] = "identity"
-    if request.remote:
+    peer = request.remote
+    if peer:
         chain = ", ".join(request.headers.getall("X-Forwarded-For", ()))
-        headers["X-Forwarded-For"] = f"{chain}, {request.remote}" if chain else request.remote
-    headers.setdefault("X-Forwarded-Host", request.host)
-    headers.setdefault("X-Forwarded-Proto", request.scheme)
+        headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+        node = f'"[{peer}]"' if ":" in peer else peer  # RFC 7239 §6: IPv6 quoted in brackets
+        element = f"for={node};host={_forwarded_value(request.host)};proto={request.scheme}"
+        earlier = ", ".join(request.headers.getall("Forwarded", ()))
+        headers["Forwarded"] = f"{earlier}, {element}" if earlier else element
+    headers["X-Forwarded-Host"] = request.host
+    headers["X-Forwarded-Proto"] = request.scheme
     return headers
+
+
+def _forwarded_value(value: str) -> str:
+    """A Forwarded parameter value: a token as is, anything else a quoted string (RFC 7239 §4)."""
+    if value and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def response_headers(upstream: aiohttp.ClientResponse, drop_length: bool) -> CIMultiDict[str]:
@@ -530,6 +756,29 @@ def response_headers(upstream: aiohttp.ClientResponse, drop_length: bool) -> CIM
     if drop_length:
         headers.popall("Content-Length", None)
     return headers
+
+
+def json_part(headers: Mapping[str, str], body: bytes | bytearray) -> bytes | bytearray:
+    """The JSON of a body: all of it, or the header part of a KServe binary-tensor body.
+
+    With Triton's binary tensor extension the JSON is the first `Inference-Header-Content-Length`
+    bytes and raw tensor data follows; only the JSON part says anything about tokens.
+    """
+    length = headers.get(BINARY_HEADER_LENGTH)
+    if length is None or not length.isdigit():
+        return body
+    return bytes(body[: int(length)])
+
+
+def _fact_attributes(facts: RequestFacts) -> dict[str, str | bool | int]:
+    attributes: dict[str, str | bool | int] = {
+        ATTR_STREAM: facts.stream,
+        ATTR_PROMPT_TOKENS: facts.prompt_tokens,
+        ATTR_MAX_TOKENS: facts.max_tokens,
+    }
+    if facts.model is not None:
+        attributes[ATTR_MODEL] = facts.model
+    return attributes
 
 
 def _error_response(api: Api, status: int, message: str) -> web.Response:

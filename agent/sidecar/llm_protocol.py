@@ -6,6 +6,10 @@ Two APIs reach the engine through the gateway (reference/interfaces.md):
   scalar or 1-element list; the llmapi model's `sampling_param_max_tokens`), `stream`;
   responses are one JSON document, or `data: <json>` events without a `[DONE]`. Errors are
   `{"error": "<message>"}`, also as an event inside a 200 stream.
+- Triton's KServe v2 inference (`/v2/models/{m}/infer`): the same ensemble inputs as named
+  tensors, `{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data":
+  [...]}, {"name": "max_tokens", ...}]}`; the answer's `outputs` list `text_output` and, when
+  asked for, `num_output_tokens`.
 - OpenAI-compatible completions and chat completions (§3.3): `prompt` / `messages`,
   `max_tokens` / `max_completion_tokens`, `stream`; events end with `data: [DONE]`; `usage`
   carries exact counts when present. Errors are `{"error": {"message", "type", "param", "code"}}`.
@@ -14,6 +18,11 @@ The twin accepts two optional keys a real Triton ignores (`agent.twin.server.pro
 request's `prompt_tokens` and, with `return_num_output_tokens`, each response's
 `num_output_tokens` (tokens in that response). Both are used when present: they are exact.
 
+A body the engine could not take either is refused here (`MalformedRequestError`, a 400 in
+the route's shape) rather than sized: token counts beyond INT32 (TRT-LLM's `max_tokens` is an
+INT32 tensor, vLLM's limits are smaller still) and JSON nested deeper than `MAX_JSON_DEPTH`,
+checked before parsing (the parser would recurse until RecursionError).
+
 Everything here is plain data in, plain data out: the gateway does the I/O.
 """
 
@@ -21,8 +30,11 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from agent.sidecar.prompt_tokens import PromptTokenCounter
 
@@ -30,6 +42,19 @@ OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default, also vLL
 # Tokens a chat template adds around each message (role markers, separators): a small,
 # model-independent estimate, after the OpenAI cookbook's "3 per message + 3 for the reply".
 CHAT_TOKENS_PER_MESSAGE = 4
+MAX_TOKEN_COUNT = 2**31 - 1  # INT32, the type of TRT-LLM's max_tokens tensor
+# Real requests nest a few levels (chat content parts, tool schemas: ~10-20); this is far above.
+MAX_JSON_DEPTH = 128
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # possessive: linear on long strings
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+_DEPTH_BLOCK = 1 << 18
+
+
+class MalformedRequestError(ValueError):
+    """A request no engine would run: answered 400 without forwarding it."""
 
 
 class Api(enum.Enum):
@@ -44,6 +69,7 @@ class Kind(enum.Enum):
 
     GENERATE = "generate"
     GENERATE_STREAM = "generate_stream"
+    INFER = "infer"
     COMPLETIONS = "completions"
     CHAT = "chat"
 
@@ -62,6 +88,8 @@ TRACKED_ROUTES = (
     Route("/v2/models/{model}/generate_stream", Api.TRITON, Kind.GENERATE_STREAM),
     Route("/v2/models/{model}/versions/{version}/generate", Api.TRITON, Kind.GENERATE),
     Route("/v2/models/{model}/versions/{version}/generate_stream", Api.TRITON, Kind.GENERATE_STREAM),
+    Route("/v2/models/{model}/infer", Api.TRITON, Kind.INFER),
+    Route("/v2/models/{model}/versions/{version}/infer", Api.TRITON, Kind.INFER),
     Route("/v1/completions", Api.OPENAI, Kind.COMPLETIONS),
     Route("/v1/chat/completions", Api.OPENAI, Kind.CHAT),
 )
@@ -92,6 +120,11 @@ def error_body(api: Api, status: int, message: str) -> bytes:
 
 
 _ERROR_TYPES = {
+    400: "invalid_request_error",
+    403: "forbidden",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
     429: "hold_queue_full",
     502: "bad_gateway",
     503: "service_unavailable",
@@ -101,12 +134,16 @@ _ERROR_TYPES = {
 
 def read_request(
     route: Route,
-    body: bytes,
+    body: bytes | bytearray,
     path_model: str | None,
     counter: PromptTokenCounter,
     default_max_tokens: int,
 ) -> RequestFacts:
-    """Sizes of one request; a body that is not a JSON object is sized from its raw text."""
+    """Sizes of one request; a body that is not a JSON object is sized from its raw text.
+
+    MalformedRequestError when the body nests too deep or a token count is out of range.
+    """
+    check_json_depth(body)
     document = _json(body)
     fallback_max = (
         OPENAI_COMPLETIONS_DEFAULT_MAX_TOKENS if route.kind is Kind.COMPLETIONS else default_max_tokens
@@ -114,15 +151,17 @@ def read_request(
     if not isinstance(document, dict):
         text = body.decode("utf-8", errors="replace")
         return RequestFacts(path_model, False, counter.count(text), fallback_max, parsed=False)
+    if route.kind is Kind.INFER:
+        return _triton_request(_infer_keys(document), path_model, counter, fallback_max)
     if route.api is Api.TRITON:
         return _triton_request(document, path_model, counter, fallback_max)
     if route.kind is Kind.CHAT:
-        max_tokens = _int(document.get("max_completion_tokens"))
+        max_tokens = _count(document, "max_completion_tokens")
         if max_tokens is None:
-            max_tokens = _int(document.get("max_tokens"))
+            max_tokens = _count(document, "max_tokens")
         prompt = _chat_prompt_tokens(document.get("messages"), counter)
     else:
-        max_tokens = _int(document.get("max_tokens"))
+        max_tokens = _count(document, "max_tokens")
         prompt = _completion_prompt_tokens(document.get("prompt"), counter)
     model = document.get("model")
     return RequestFacts(
@@ -140,10 +179,10 @@ def _triton_request(
     """Top-level keys win over `parameters`, as Triton maps both to the same input tensors."""
     parameters = document.get("parameters")
     keys = {**(parameters if isinstance(parameters, dict) else {}), **document}
-    max_tokens = _int(keys.get("max_tokens"))
+    max_tokens = _count(keys, "max_tokens")
     if max_tokens is None:
-        max_tokens = _int(keys.get("sampling_param_max_tokens"))
-    prompt = _int(keys.get("prompt_tokens"))
+        max_tokens = _count(keys, "sampling_param_max_tokens")
+    prompt = _count(keys, "prompt_tokens")
     if prompt is None or prompt < 1:
         text = _scalar(keys.get("text_input"))
         prompt = counter.count(text) if isinstance(text, str) else 0
@@ -154,6 +193,47 @@ def _triton_request(
         max_tokens=max_tokens if max_tokens is not None and max_tokens > 0 else fallback_max,
         parsed=True,
     )
+
+
+def _infer_keys(document: dict[str, Any]) -> dict[str, Any]:
+    """A KServe v2 request's input tensors by name, as the generate extension would have them."""
+    inputs = document.get("inputs")
+    keys: dict[str, Any] = {}
+    parameters = document.get("parameters")
+    if isinstance(parameters, dict):
+        keys["parameters"] = parameters
+    for tensor in inputs if isinstance(inputs, list) else ():
+        if isinstance(tensor, dict) and isinstance(tensor.get("name"), str):
+            keys[tensor["name"]] = _flat_first(tensor.get("data"))
+    return keys
+
+
+def _flat_first(data: object) -> object:
+    """The first element of a tensor's data, flattened or nested by its shape ([[x]] is x)."""
+    while isinstance(data, list) and data:
+        data = data[0]
+    return data
+
+
+def check_json_depth(body: bytes | bytearray) -> None:
+    """MalformedRequestError when arrays and objects nest deeper than MAX_JSON_DEPTH.
+
+    Strings are cut out first (brackets inside them do not nest), then the depth is the
+    running sum of +1 per opening and -1 per closing bracket, in numpy: linear and in C, a
+    block at a time so the running sums of a 16 MiB body never take more than a few MiB.
+    """
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return
+    depth = 0
+    for start in range(0, len(brackets), _DEPTH_BLOCK):
+        block = np.frombuffer(
+            brackets, dtype=np.uint8, count=min(_DEPTH_BLOCK, len(brackets) - start), offset=start
+        )
+        running = np.cumsum(_BRACKET_STEP[block], dtype=np.int64) + depth
+        if int(running.max()) > MAX_JSON_DEPTH:
+            raise MalformedRequestError(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+        depth = int(running[-1])
 
 
 def _completion_prompt_tokens(prompt: object, counter: PromptTokenCounter) -> int:
@@ -200,6 +280,7 @@ class ResponseTokens:
         self.facts = facts
         self.counter = counter
         self.failed = False
+        self.done = False  # the stream's end marker (OpenAI `[DONE]`) went by: the answer is whole
         self.total = 0  # tokens counted so far from events
 
     def event(self, data: bytes) -> int:
@@ -213,6 +294,8 @@ class ResponseTokens:
 
     def body(self, body: bytes) -> int:
         """Tokens in a whole (non-streamed) answer."""
+        if self.route.kind is Kind.INFER:
+            return self._infer(body)
         if self.route.api is Api.TRITON:
             return self._triton(body, per_response=self.facts.max_tokens)
         document = _json(body)
@@ -238,9 +321,19 @@ class ResponseTokens:
         given = _int(document.get("num_output_tokens"))
         return per_response if given is None or given < 0 else given
 
+    def _infer(self, body: bytes) -> int:
+        """A KServe v2 answer: its `num_output_tokens` output if given, else `max_tokens`."""
+        document = _json(body)
+        if not isinstance(document, dict) or self._is_error(document):
+            return 0
+        outputs = _infer_keys({"inputs": document.get("outputs")})
+        given = _int(outputs.get("num_output_tokens"))
+        return self.facts.max_tokens if given is None or given < 0 else given
+
     def _openai_event(self, data: bytes) -> int:
         """Choices that carry output (1 each, or their `token_ids`); `usage` corrects the total."""
         if data.strip() == b"[DONE]":
+            self.done = True
             return 0
         document = _json(data)
         if not isinstance(document, dict) or self._is_error(document):
@@ -284,7 +377,7 @@ def _usage_tokens(document: dict[str, Any]) -> int | None:
     return _int(usage.get("completion_tokens")) if isinstance(usage, dict) else None
 
 
-def _json(data: bytes) -> object:
+def _json(data: bytes | bytearray) -> object:
     try:
         return json.loads(data)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
@@ -295,6 +388,14 @@ def _scalar(value: object) -> object:
     """A Triton input given as a 1-element list is the same as the scalar."""
     if isinstance(value, list) and len(value) == 1:
         return value[0]
+    return value
+
+
+def _count(keys: dict[str, Any], name: str) -> int | None:
+    """A token count the request gives, refused beyond what an engine takes."""
+    value = _int(keys.get(name))
+    if value is not None and not -MAX_TOKEN_COUNT <= value <= MAX_TOKEN_COUNT:
+        raise MalformedRequestError(f"{name} must be at most {MAX_TOKEN_COUNT} in magnitude, got {value}")
     return value
 
 

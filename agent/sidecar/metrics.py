@@ -9,6 +9,7 @@ rather than exported as 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.metrics_core import (
@@ -24,6 +25,9 @@ from agent.sidecar.loop import ControlLoop, DecisionRecord
 from agent.sidecar.tracker import RequestTracker
 from agent.sidecar.watchdog import ActuatorMode, LoopMode
 
+if TYPE_CHECKING:
+    from agent.sidecar.gateway import Gateway
+
 # A decision takes ~0.1-2 ms (make bench): buckets resolve the sub-millisecond range.
 DECISION_BUCKETS_S = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1)
 
@@ -38,7 +42,12 @@ class SidecarMetrics:
         energy: EnergySampler,
         info: Mapping[str, str],
         output_tokens: Callable[[], int | None] = lambda: None,
+        *,
+        gateway: Gateway | None = None,
     ) -> None:
+        if gateway is not None:
+            stats = gateway.stats
+            output_tokens = lambda: stats.streamed_tokens + stats.body_tokens  # noqa: E731
         self.registry = CollectorRegistry()
         self.decision_seconds = Histogram(
             "throttllem_decision_seconds",
@@ -47,6 +56,8 @@ class SidecarMetrics:
             registry=self.registry,
         )
         self.registry.register(_SnapshotCollector(loop, tracker, energy, dict(info), output_tokens))
+        if gateway is not None:
+            self.registry.register(_GatewayCollector(gateway))
 
     def observe(self, record: DecisionRecord) -> None:
         """Loop observer: count the decision's latency."""
@@ -180,6 +191,74 @@ class _SnapshotCollector:
         if energy.power_w is not None:
             power.add_metric([], energy.power_w)
         yield from (energy_family, tokens_family, per_joule, power)
+
+
+class _GatewayCollector:
+    """The gateway's outcome counters, its connections and the request bodies it holds.
+
+    Labels stay bounded: `route` is a route template or `passthrough`, `outcome` an Outcome,
+    `status` one the gateway answers itself (400, 403, 405, 408, 413, 429, 503).
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        """Every gateway family, from its current counters."""
+        gateway = self._gateway
+        stats = gateway.stats
+        requests = CounterMetricFamily(
+            "throttllem_gateway_requests",
+            "Requests through the gateway, by route and outcome",
+            labels=["route", "outcome"],
+        )
+        for (route, outcome), count in sorted(stats.requests.items()):
+            requests.add_metric([route, outcome], count)
+        answered = CounterMetricFamily(
+            "throttllem_gateway_refusals",
+            "Requests the gateway answered itself instead of forwarding, by status",
+            labels=["status"],
+        )
+        for status, count in sorted(stats.rejected.items()):
+            answered.add_metric([str(status)], count)
+        yield from (requests, answered)
+        yield CounterMetricFamily(
+            "throttllem_gateway_upstream_errors",
+            "Engine unreachable, timed out or broken mid-answer",
+            value=stats.upstream_errors,
+        )
+        yield CounterMetricFamily(
+            "throttllem_gateway_client_disconnects",
+            "Clients that left before their answer was whole",
+            value=stats.client_disconnects,
+        )
+        yield GaugeMetricFamily(
+            "throttllem_gateway_body_bytes",
+            "Request body bytes the gateway holds now",
+            value=gateway.bodies.used_bytes,
+        )
+        yield GaugeMetricFamily(
+            "throttllem_gateway_body_bytes_peak",
+            "Most request body bytes the gateway held at once since start",
+            value=gateway.bodies.peak_bytes,
+        )
+        connections = gateway.connections
+        if connections is not None:
+            yield GaugeMetricFamily(
+                "throttllem_gateway_connections",
+                "Client connections the gateway holds",
+                value=connections.open,
+            )
+            yield CounterMetricFamily(
+                "throttllem_gateway_connections_refused",
+                "Connections over THROTTLLEM_GATEWAY_MAX_CONNECTIONS, answered 503 and closed",
+                value=connections.refused,
+            )
+            yield CounterMetricFamily(
+                "throttllem_gateway_header_timeouts",
+                "Connections closed because a request head took longer than its timeout",
+                value=connections.header_timeouts,
+            )
 
 
 def _gauge(name: str, documentation: str, decision: DecisionRecord | None, field: str) -> GaugeMetricFamily:

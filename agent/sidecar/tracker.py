@@ -8,7 +8,8 @@ A request the policy has not admitted yet waits here, bounded in number and in t
   watchdog found the loop unhealthy) every request is admitted at once, and nothing waits longer
   than `max_hold_s` whatever the loop does — the proxy must keep serving;
 - when `max_held` requests already wait, a new one is refused with `HoldQueueFull`, which the
-  gateway turns into 429 with Retry-After: never a silent drop.
+  gateway turns into 429 with Retry-After: never a silent drop. The gateway asks (`check_room`)
+  before it reads a body, so a full queue costs no memory.
 
 Times come from the injected `clock` (monotonic seconds), the same clock the loop decides with.
 """
@@ -97,11 +98,15 @@ class RequestTracker:
         """Requests admitted and not finished."""
         return len(self._tickets) - len(self._held)
 
-    def arrive(self, prompt_tokens: int, max_tokens: int) -> Ticket:
-        """Register a request; it is admitted at once unless the loop gates admission."""
+    def check_room(self) -> None:
+        """HoldQueueFullError if a request arriving now would be refused: asked before its body is read."""
         if self.gating and len(self._held) >= self.max_held:
             self.counters.rejected += 1
             raise HoldQueueFullError(len(self._held), self.retry_after_s)
+
+    def arrive(self, prompt_tokens: int, max_tokens: int) -> Ticket:
+        """Register a request; it is admitted at once unless the loop gates admission."""
+        self.check_room()
         now = self.clock()
         request_id = next(self._ids)
         prompt, cap = max(1, prompt_tokens), max(1, max_tokens)

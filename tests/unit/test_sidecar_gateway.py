@@ -12,13 +12,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from agent.predict.lengths import MaxTokensPredictor
-from agent.sidecar.gateway import Gateway, build_gateway_app
+from agent.sidecar.gateway import (
+    Gateway,
+    GatewayLimits,
+    build_gateway_app,
+    server_options,
+    start_gateway_site,
+)
 from agent.sidecar.prompt_tokens import EstimateCounter
 from agent.sidecar.tracker import RequestTracker, Ticket
 from tests.unit.fake_llm_engine import FakeEngine, serve
@@ -63,12 +70,32 @@ class Stack:
         return span
 
 
+ECHO_ALLOWED = GatewayLimits(allow_paths=("/echo*",))  # the fake engine's echo route, allow-listed
+
+
+@asynccontextmanager
+async def serve_gateway(gateway: Gateway, **server: Any) -> AsyncIterator[str]:
+    """The gateway served as the sidecar serves it (server options, guarded site); its base URL."""
+    runner = web.AppRunner(
+        build_gateway_app(gateway), shutdown_timeout=0.5, **{**server_options(gateway.limits), **server}
+    )
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    try:
+        await start_gateway_site(runner, sock)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+        sock.close()
+
+
 @asynccontextmanager
 async def stack(
     upstream_url: str | None = None,
     gateway_server: dict[str, Any] | None = None,
     engine_server: dict[str, Any] | None = None,
     request_timeout_s: float = 10.0,
+    limits: GatewayLimits = ECHO_ALLOWED,
     **tracker_kwargs: Any,
 ) -> AsyncIterator[Stack]:
     engine = FakeEngine()
@@ -83,9 +110,10 @@ async def stack(
             prompt_tokens=EstimateCounter(),
             request_timeout_s=request_timeout_s,
             tracer_provider=provider,
+            limits=limits,
         )
         async with (
-            serve(build_gateway_app(gateway), **(gateway_server or {})) as url,
+            serve_gateway(gateway, **(gateway_server or {})) as url,
             aiohttp.ClientSession() as client,
         ):
             yield Stack(engine, tracker, gateway, url, client, exporter)
@@ -333,9 +361,11 @@ def test_everything_else_passes_through_untracked():
             assert document["method"] == "PUT" and document["path_qs"] == "/echo/some/where?a=1&b=%20"
             assert len(document["body"]) == len(payload)
             async with s.client.get(f"{s.url}/v2/models/ensemble/generate") as resp:
-                assert resp.status == 405  # the engine's answer: GET is not a tracked route
+                assert resp.status == 405  # the gateway's answer now: generate takes POST only
+                assert resp.headers["Allow"] == "POST"
             assert s.tracker.counters.arrived == 0
-            assert s.gateway.stats.requests[("passthrough", "ok")] == 3
+            assert s.gateway.stats.requests[("passthrough", "ok")] == 2
+            assert s.gateway.stats.requests[("passthrough", "refused")] == 1
             assert s.finished() == []
 
     run(scenario)

@@ -65,6 +65,22 @@ def test_a_full_hold_queue_refuses_with_retry_after_and_counts_it():
     asyncio.run(scenario())
 
 
+def test_room_is_checked_without_registering_anything():
+    """The gateway asks before it reads a body: a full queue costs it nothing to learn."""
+
+    async def scenario():
+        t, _ = tracker(max_held=1)
+        t.check_room()  # not gating: always room
+        t.gating = True
+        t.check_room()
+        t.arrive(10, 10)
+        with pytest.raises(HoldQueueFullError):
+            t.check_room()
+        assert t.counters.rejected == 1 and t.counters.arrived == 1 and t.held == 1
+
+    asyncio.run(scenario())
+
+
 def test_nothing_waits_longer_than_the_hold_bound():
     async def scenario():
         t, _ = tracker(max_hold_s=0.05)
