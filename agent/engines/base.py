@@ -15,6 +15,13 @@ Errors, grouped by what the operator should do::
 
 `poll()` raises all of them except `MissingMetricsError`, which is a steady property of a
 deployment rather than a failed poll: it returns None and reports the error in `health`.
+
+Plausibility: a count an engine reports is refused (`MalformedMetricsError`) unless it is finite,
+not negative and within what hardware can hold: `MAX_COUNT` (2^31) for what one iteration or
+one KV-cache holds (requests, blocks, tokens), `MAX_COUNTER` (2^53, where float64 exporters stop
+counting exactly) for what accumulates since the engine started (iterations, token totals,
+bytes, timestamps). A 2^31-block KV cache would take terabytes even at one token per block, and
+the policy build then still runs; 1e300 would not.
 """
 
 from __future__ import annotations
@@ -27,6 +34,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.domain import EngineStats
+
+MAX_COUNT = 2**31  # requests, KV blocks, tokens in one iteration or one cache: nothing physical holds more
+MAX_COUNTER = 2**53  # cumulative counters, bytes and timestamps: float64 counts exactly up to here
+MAX_ITERATION_S = 3600.0  # an iteration slower than an hour is a broken record, not a slow engine
 
 
 class EngineError(Exception):
@@ -51,6 +62,40 @@ class MissingMetricsError(EngineError):
 
 class EngineConfigError(EngineError):
     """The adapter's settings do not select exactly one engine/model in the metrics."""
+
+
+def plausible(stats: EngineStats) -> EngineStats:
+    """`stats` itself, or `MalformedMetricsError` naming every field outside the bounds above.
+
+    Every adapter passes what it built through here, so no count an engine got wrong (or an
+    attacker wrote into a metrics page) reaches the policy, whichever field it came through.
+    """
+    bounds = {
+        "timestamp_s": MAX_COUNTER,
+        "iteration": MAX_COUNTER,
+        "active_requests": MAX_COUNT,
+        "queued_requests": MAX_COUNT,
+        "scheduled_requests": MAX_COUNT,
+        "context_requests": MAX_COUNT,
+        "generation_requests": MAX_COUNT,
+        "paused_requests": MAX_COUNT,
+        "context_tokens": MAX_COUNT,
+        "kv_blocks_used": MAX_COUNT,
+        "kv_blocks_max": MAX_COUNT,
+        "tokens_per_block": MAX_COUNT,
+        "iteration_latency_s": MAX_ITERATION_S,
+    }
+    wrong = [
+        f"{name}={value!r:.40}"
+        for name, limit in bounds.items()
+        if (value := getattr(stats, name)) is not None and not 0 <= value <= limit  # NaN fails too
+    ]
+    if wrong:
+        raise MalformedMetricsError(
+            f"implausible engine statistics ({', '.join(wrong)}): counts must be finite, >= 0 and at most "
+            f"{MAX_COUNT} per iteration ({MAX_COUNTER} cumulative); check the engine and its exporter"
+        )
+    return stats
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,14 @@ from agent.engines.base import (
     HealthTracker,
     IterationChange,
     IterationTracker,
+    MalformedMetricsError,
     MissingMetricsError,
 )
 
 DEFAULT_TIMEOUT_S = 1.0  # a scrape slower than this is too old to steer a 100 ms control loop
+# Triton's page for a few models and eight GPUs is ~100 KiB, vLLM's a few hundred: a page this big
+# is broken or hostile, and reading it whole would cost the sidecar its memory limit.
+MAX_PAGE_BYTES = 8 * 1024 * 1024
 _BODY_EXCERPT_CHARS = 200
 
 
@@ -45,7 +49,7 @@ async def fetch_text(session: aiohttp.ClientSession, url: str, *, timeout_s: flo
         async with session.get(
             url, headers={"Accept": accept}, timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as response:
-            body = await response.text(errors="replace")
+            body = await _bounded_text(response, url)
             if response.status != 200:
                 raise EngineUnavailableError(
                     f"GET {url} answered HTTP {response.status} ({body[:_BODY_EXCERPT_CHARS]!r}); check the"
@@ -62,12 +66,42 @@ async def fetch_text(session: aiohttp.ClientSession, url: str, *, timeout_s: flo
         ) from exc
 
 
+async def _bounded_text(response: aiohttp.ClientResponse, url: str) -> str:
+    """The body, refused (`MalformedMetricsError`) past MAX_PAGE_BYTES without holding more."""
+    declared = response.content_length
+    if declared is None or declared <= MAX_PAGE_BYTES:
+        chunks, size = [], 0  # joined once at the end: growing one buffer fragments the heap
+        while chunk := await response.content.readany():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_PAGE_BYTES:
+                break
+        else:
+            return _decode(b"".join(chunks), response.charset)
+        # The error's traceback keeps this frame, and with it the chunks, alive until the cyclic
+        # GC runs, which large buffers do not hurry: a page refused each poll would pile up.
+        chunks.clear()
+    response.close()  # drop the connection rather than drain the rest
+    raise MalformedMetricsError(
+        f"GET {url} sent a page over {MAX_PAGE_BYTES // (1024 * 1024)} MiB; an engine's metrics page is"
+        " far smaller: check the URL points at the engine's /metrics"
+    )
+
+
+def _decode(body: bytes, charset: str | None) -> str:
+    try:
+        return body.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know: the exposition format is UTF-8
+        return body.decode("utf-8", errors="replace")
+
+
 class HttpOptions(TypedDict, total=False):
     """The `HttpPollingAdapter` settings a concrete adapter passes through."""
 
     timeout_s: float
     session: aiohttp.ClientSession | None
     clock: Callable[[], float]
+    setting: str | None
 
 
 class HttpPollingAdapter(ABC):
@@ -75,7 +109,8 @@ class HttpPollingAdapter(ABC):
 
     `session` may be shared (the caller then closes it); otherwise the adapter makes its own on
     the first poll (aiohttp wants a running loop for that) and `close()` releases it. `clock` is
-    the monotonic clock health times are measured on.
+    the monotonic clock health times are measured on. `setting`: the environment variable the URL
+    came from, named in every log line, so a host that does not resolve says what to fix.
     """
 
     kind: ClassVar[str]  # engine kind, as `build_adapter` names it
@@ -88,10 +123,12 @@ class HttpPollingAdapter(ABC):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         session: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.monotonic,
+        setting: str | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.url = metrics_url(url)
+        self.setting = setting
         self.timeout_s = timeout_s
         self._session = session
         self._owns_session = session is None
@@ -101,8 +138,8 @@ class HttpPollingAdapter(ABC):
 
     @property
     def name(self) -> str:
-        """Engine kind and endpoint, for logs."""
-        return f"{self.kind} {self.url}"
+        """Engine kind and endpoint (and the variable that set it), for logs."""
+        return f"{self.kind} {self.url}" + ("" if self.setting is None else f" ({self.setting})")
 
     @property
     def health(self) -> AdapterHealth:

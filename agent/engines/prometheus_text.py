@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from agent.engines.base import EngineConfigError, MalformedMetricsError
+from agent.engines.base import MAX_COUNT, EngineConfigError, MalformedMetricsError
 
 Samples = Mapping[str, list[Sample]]  # sample name -> its samples, in exposition order
 
@@ -109,8 +109,12 @@ def value(samples: Samples, name: str, match: Mapping[str, str]) -> float | None
     return None
 
 
-def count(raw: float, series: str) -> int:
-    """A gauge or counter that holds a count, as an int; `MalformedMetricsError` if it cannot be one."""
-    if not math.isfinite(raw) or raw < 0:
-        raise MalformedMetricsError(f"{series} is {raw}, not a count")
+def count(raw: float, series: str, limit: int = MAX_COUNT) -> int:
+    """A gauge or counter that holds a count, as an int; `MalformedMetricsError` if it cannot be one.
+
+    `limit`: the most it may plausibly hold (`agent.engines.base`: `MAX_COUNT` for what one
+    iteration or cache holds, `MAX_COUNTER` for what accumulates).
+    """
+    if not math.isfinite(raw) or not 0 <= raw <= limit:
+        raise MalformedMetricsError(f"{series} is {raw:g}, not a count (0..{limit})")
     return round(raw)

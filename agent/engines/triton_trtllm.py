@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Unpack
 
 from agent.domain import EngineStats
-from agent.engines.base import IterationChange, MissingMetricsError
+from agent.engines.base import MAX_COUNTER, IterationChange, MissingMetricsError, plausible
 from agent.engines.http import HttpOptions, HttpPollingAdapter
 from agent.engines.prometheus_text import (
     Samples,
@@ -124,11 +124,13 @@ def triton_record(
         raise MissingMetricsError(tuple(missing), _missing_hint(present))
 
     general, request, kv = values[GENERAL], values[REQUEST], values[KV_CACHE]
-    raw_timestamp = count(general["timestamp"], _series(GENERAL, "general_type", "timestamp"))
+    raw_timestamp = count(general["timestamp"], _series(GENERAL, "general_type", "timestamp"), MAX_COUNTER)
     if raw_timestamp == 0:
         return None
     timestamp_s = raw_timestamp if raw_timestamp < _SECONDS_BELOW else raw_timestamp / 1e6
-    iteration = count(general["iteration_counter"], _series(GENERAL, "general_type", "iteration_counter"))
+    iteration = count(
+        general["iteration_counter"], _series(GENERAL, "general_type", "iteration_counter"), MAX_COUNTER
+    )
     kv_max = count(kv["max"], _series(KV_CACHE, "kv_cache_block_type", "max"))
     if kv_max == 0:
         raise MissingMetricsError(
@@ -209,4 +211,4 @@ class TritonTrtllmAdapter(HttpPollingAdapter):
         record = reading.record
         if self._observe(record.iter, record.timestamp) is IterationChange.SAME:
             return []
-        return [to_engine_stats(record)]
+        return [plausible(to_engine_stats(record))]

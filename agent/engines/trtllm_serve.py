@@ -7,8 +7,9 @@ its measured latency (`iterLatencyMS`) and executor queue length — the richest
 
 - An empty array means no iteration since the last poll (None, healthy). If it never holds
   records, the PyTorch backend was started without `enable_iter_perf_stats: true`.
-- A record that does not parse, or lacks what `EngineStats` needs (timestamp, KV-cache or
-  in-flight batching stats), is skipped and logged; when no record of a non-empty array is
+- A record that does not parse, lacks what `EngineStats` needs (timestamp, KV-cache or
+  in-flight batching stats) or holds implausible counts (`agent.engines.base.plausible`), is
+  skipped and logged; when no record of a non-empty array is
   usable the format is not what we read, and the poll raises `MalformedMetricsError`.
 - An iteration counter that goes backwards is an engine restart (logged, counted); a repeated
   record (same counter and timestamp) is dropped.
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Unpack
 
 from agent.domain import EngineStats
-from agent.engines.base import IterationChange, MalformedMetricsError
+from agent.engines.base import IterationChange, MalformedMetricsError, plausible
 from agent.engines.http import HttpOptions, HttpPollingAdapter
 from agent.engines.trtllm_stats import parse_executor_record, to_engine_stats
 
@@ -59,8 +60,8 @@ def parse_serve_metrics(text: str) -> ServeBatch:
             rejected.append(str(exc))
             continue
         try:
-            stats.append(to_engine_stats(parsed))
-        except ValueError as exc:
+            stats.append(plausible(to_engine_stats(parsed)))
+        except (ValueError, MalformedMetricsError) as exc:
             rejected.append(f"{where}: {exc}")
     if rejected and not stats:
         raise MalformedMetricsError(f"no usable iteration stats record; first problem: {rejected[0]}")

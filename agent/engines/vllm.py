@@ -41,7 +41,14 @@ from dataclasses import dataclass
 from typing import Unpack
 
 from agent.domain import EngineStats
-from agent.engines.base import IterationChange, MalformedMetricsError, MissingMetricsError
+from agent.engines.base import (
+    MAX_COUNT,
+    MAX_COUNTER,
+    IterationChange,
+    MalformedMetricsError,
+    MissingMetricsError,
+    plausible,
+)
 from agent.engines.http import HttpOptions, HttpPollingAdapter
 from agent.engines.prometheus_text import Samples, count, label_choices, parse_samples, select, value
 
@@ -89,9 +96,12 @@ def _config_int(config: dict[str, str], key: str) -> int | None:
     if raw == "None":
         return None
     try:
-        return int(raw)
+        number = int(raw)
     except ValueError as exc:
         raise MalformedMetricsError(f'{CACHE_CONFIG}{{{key}="{raw}"}} is not an integer') from exc
+    if not 0 <= number <= MAX_COUNT:
+        raise MalformedMetricsError(f'{CACHE_CONFIG}{{{key}="{raw:.40}"}} is not a count (0..{MAX_COUNT})')
+    return number
 
 
 def read_vllm(
@@ -132,7 +142,7 @@ def read_vllm(
     if not math.isfinite(usage):
         raise MalformedMetricsError(f"KV-cache usage is {usage}")
     counts = {
-        name: count(v, _series(name, match))
+        name: count(v, _series(name, match), MAX_COUNT if name in (RUNNING, WAITING) else MAX_COUNTER)
         for name, v in raw.items()
         if v is not None and name not in (KV_USAGE, KV_USAGE_DEPRECATED)
     }
@@ -238,4 +248,4 @@ class VllmAdapter(HttpPollingAdapter):
             return []
         previous = None if change is IterationChange.RESTART else self._previous
         self._previous = reading
-        return [vllm_engine_stats(previous, reading, timestamp_s=self._wall_clock())]
+        return [plausible(vllm_engine_stats(previous, reading, timestamp_s=self._wall_clock()))]

@@ -10,10 +10,14 @@ A policy decides when a new engine iteration arrives or requests wait for admiss
 those nothing it looks at has changed. Whatever goes wrong, the GPU goes back to stock clocks and
 requests stop waiting (fail open), as DESIGN.md's "Safety first" asks:
 
-- telemetry stale (`watchdog.stale_reason`) → stock until it is fresh again;
+- telemetry stale (`watchdog.stale_reason`) → stock until it is fresh again; every engine poll
+  and GPU call has a deadline (`watchdog.call_timeout_s`), and staleness is checked before and
+  after the poll, so stock is requested within `stale_after + poll interval` of the last fresh
+  telemetry even when the engine or the GPU stops answering mid-tick;
 - a tick raises → stock, then the loop restarts after an exponential backoff with a new policy;
-- GPU errors by their kind (`agent.gpus.base`): transient → retry next tick; permission denied or
-  not supported → observe only (dry-run), loudly; lost → stop actuating.
+- GPU errors by their kind (`agent.gpus.base`): transient (a call past its deadline too) → retry
+  next tick, one WARNING per outage; permission denied or not supported → observe only
+  (dry-run), loudly; lost → stop actuating.
 
 The gateway never waits on this loop: it only reads `tracker.gating`, which is on only while a
 gating policy controls a GPU it can actuate.
@@ -52,13 +56,40 @@ from agent.sidecar.watchdog import (
     Backoff,
     LoopMode,
     TelemetryTimes,
+    call_timeout_s,
     not_ready_reasons,
     stale_reason,
+    stock_deadline_s,
 )
 
 log = logging.getLogger(__name__)
 
 PolicyBuilder = Callable[[str, EngineLimits | None], BuiltPolicy]  # (spec, limits) -> policy; may block
+
+
+class OutageLog:
+    """One WARNING when an outage starts, DEBUG while it lasts, one INFO when it ends.
+
+    A lasting outage must not log a line per tick.
+    """
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._failures = 0
+        self._warned = False
+
+    def failed(self, message: str, *, reported_elsewhere: bool = False) -> None:
+        """One more failed call; `reported_elsewhere`: another part already warned of this outage."""
+        first = self._failures == 0 and not reported_elsewhere
+        log.log(logging.WARNING if first else logging.DEBUG, "%s", message)
+        self._warned = self._warned or first
+        self._failures += 1
+
+    def recovered(self) -> None:
+        """A call succeeded: the outage, if any, is over."""
+        if self._warned:
+            log.info("%s answers again after %d failed calls", self._what, self._failures)
+        self._failures, self._warned = 0, False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +194,8 @@ class ControlLoop:
         self._limits: EngineLimits | None = None
         self._measured_ips: float | None = None
         self._times = TelemetryTimes(None, None, None)
-        self._stale: str | None = "no engine metrics read yet"
+        self._engine_outage = OutageLog(adapter.name)
+        self._gpu_outage = OutageLog(actuator.name)
         self._locked_mhz: int | None = None  # what the loop locked; None: stock
         self._lock_known = False  # False until a reset succeeded: a dead sidecar may have left a lock
         self._must_decide = True  # decide even without a new iteration (new mode or policy)
@@ -185,7 +217,16 @@ class ControlLoop:
             except Exception as exc:  # any failure: fail safe, back off, go on
                 await asyncio.sleep(await self._tick_failed(exc))
                 continue
-            await asyncio.sleep(max(0.0, self.config.poll_interval_s - (loop.time() - began)))
+            await asyncio.sleep(self._pause_s(loop.time() - began))
+
+    def _pause_s(self, tick_s: float) -> float:
+        """Until the next period, or sooner: the next tick must ask for stock by the deadline."""
+        pause = self.config.poll_interval_s - tick_s
+        if not self._at_stock():
+            deadline = stock_deadline_s(self._times, self.config.stale_after_s, self.config.poll_interval_s)
+            if deadline is not None:
+                pause = min(pause, deadline - self._clock())
+        return max(0.0, pause)
 
     async def shutdown(self) -> None:
         """Open admission, reset the clock (whatever the mode: best effort), close the actuator; once."""
@@ -216,17 +257,21 @@ class ControlLoop:
     # -- one tick ----------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Poll, check freshness, decide, admit and actuate once."""
+        """Poll, check freshness, decide, admit and actuate once.
+
+        Freshness is checked before the poll (a call of the last tick may have hung past the
+        bound), after it, and after a policy build (which may take a second).
+        """
+        await self._stock_if_stale()
         now = self._clock()
         new = await self._poll(now)
-        self._stale = stale_reason(now, self._times, self.config.stale_after_s)
-        if self._stale is not None:
-            first = self._times.last_ok_s is None
-            await self._fail_safe(LoopMode.STARTING if first else LoopMode.STALE, self._stale)
+        if await self._stock_if_stale():
             return
         policy = await self._current_policy()
         if policy is None:
             await self._fail_safe(LoopMode.STARTING, "no policy to decide with yet")
+            return
+        if await self._stock_if_stale():
             return
         self._failures = 0
         if self.mode is not LoopMode.CONTROLLING:
@@ -274,12 +319,32 @@ class ControlLoop:
             except Exception:  # telemetry never breaks control
                 log.exception("decision observer %r failed", observer)
 
+    async def _stock_if_stale(self) -> bool:
+        """Stock clocks and open admission when the telemetry is stale now; True if it is."""
+        reason = stale_reason(self._clock(), self._times, self.config.stale_after_s)
+        if reason is None:
+            return False
+        first = self._times.last_ok_s is None
+        await self._fail_safe(LoopMode.STARTING if first else LoopMode.STALE, reason)
+        return True
+
     async def _poll(self, now: float) -> EngineStats | None:
+        timeout = self._call_timeout_s()
+        answered = True
         try:
-            stats = await self.adapter.poll()
+            stats = await asyncio.wait_for(self.adapter.poll(), timeout)
         except EngineError:
             stats = None  # the adapter logged it and keeps it in `health`
-        last_ok = now if self.adapter.health.healthy else self._times.last_ok_s
+        except TimeoutError:
+            stats, answered = None, False
+            self._engine_outage.failed(
+                f"{self.adapter.name}: no answer within the control loop's deadline ({timeout:.2f} s)",
+                reported_elsewhere=not self.adapter.health.healthy,
+            )
+        healthy = answered and self.adapter.health.healthy
+        if healthy:
+            self._engine_outage.recovered()
+        last_ok = now if healthy else self._times.last_ok_s
         last_new = self._times.last_new_s
         if stats is not None:
             last_new = now
@@ -387,8 +452,22 @@ class ControlLoop:
             self.tracker.release_all()
 
     async def _ensure_stock(self, force: bool = False) -> None:
-        if force or not self._lock_known or self._locked_mhz is not None:
+        if force or not self._at_stock():
             await self._apply(None)
+
+    def _at_stock(self) -> bool:
+        """The GPU is known to run at stock clocks: nothing to undo if the telemetry goes stale."""
+        return self._lock_known and self._locked_mhz is None
+
+    def _call_timeout_s(self) -> float:
+        """The deadline of the next engine poll or GPU call (`watchdog.call_timeout_s`)."""
+        return call_timeout_s(
+            self._clock(),
+            self._times,
+            self.config.stale_after_s,
+            self.config.poll_interval_s,
+            self._at_stock(),
+        )
 
     async def _actuate(self, clock_mhz: int | None) -> bool:
         """Send `clock_mhz` (None: reset) if it differs from what is set; True when the GPU changed."""
@@ -399,11 +478,18 @@ class ControlLoop:
     async def _apply(self, clock_mhz: int | None) -> bool:
         if self.actuator_mode is ActuatorMode.LOST:
             return False
+        timeout = self._call_timeout_s()
         try:
-            if clock_mhz is None:
-                await self.actuator.reset()
-            else:
-                await self.actuator.set_clock_mhz(clock_mhz)
+            async with asyncio.timeout(timeout):
+                if clock_mhz is None:
+                    await self.actuator.reset()
+                else:
+                    await self.actuator.set_clock_mhz(clock_mhz)
+        except TimeoutError:
+            self._lock_known = False  # the call may or may not have reached the GPU
+            what = "reset" if clock_mhz is None else f"lock to {clock_mhz} MHz"
+            self._gpu_error(TransientGpuError(f"{what} got no answer within {timeout:.2f} s"), "will retry")
+            return False
         except TransientGpuError as exc:
             self._gpu_error(exc, "will retry next tick")
             return False
@@ -416,6 +502,7 @@ class ControlLoop:
             self.actuator_mode = ActuatorMode.LOST
             self._set_gating(False)
             return False
+        self._gpu_outage.recovered()
         changed = self._lock_known and clock_mhz != self._locked_mhz
         self._locked_mhz, self._lock_known = clock_mhz, True
         if changed:
@@ -425,8 +512,11 @@ class ControlLoop:
     def _gpu_error(self, exc: Exception, consequence: str) -> None:
         self.counters.actuator_errors += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
-        level = logging.WARNING if isinstance(exc, TransientGpuError) else logging.ERROR
-        log.log(level, "%s: %s; %s", self.actuator.name, exc, consequence)
+        message = f"{self.actuator.name}: {exc}; {consequence}"
+        if isinstance(exc, TransientGpuError):
+            self._gpu_outage.failed(message)
+        else:
+            log.error("%s", message)
 
     async def _observe_only(self) -> None:
         """Swap the actuator for a dry-run one that observes it: decisions go on, nothing is set."""
@@ -457,7 +547,8 @@ class ControlLoop:
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> LoopStatus:
-        """What the loop is doing now."""
+        """What the loop is doing now; staleness as of now, whatever the current tick is waiting on."""
+        stale = stale_reason(self._clock(), self._times, self.config.stale_after_s)
         return LoopStatus(
             mode=self.mode,
             actuator_mode=self.actuator_mode,
@@ -468,12 +559,10 @@ class ControlLoop:
             else None,
             policy_error=self._policy_error,
             locked_mhz=self._locked_mhz,
-            stale_reason=self._stale,
+            stale_reason=stale,
             last_error=self.last_error,
             engine_restarts=self.adapter.health.restarts,
-            not_ready=tuple(
-                not_ready_reasons(self.mode, self.actuator_mode, self._stale, self._policy_error)
-            ),
+            not_ready=tuple(not_ready_reasons(self.mode, self.actuator_mode, stale, self._policy_error)),
         )
 
 

@@ -61,6 +61,43 @@ def stale_reason(now_s: float, times: TelemetryTimes, bound_s: float) -> str | N
     return None
 
 
+def stale_at_s(times: TelemetryTimes, bound_s: float) -> float | None:
+    """When the telemetry turns stale if nothing new is read (`stale_reason`'s rules); None before any."""
+    if times.last_ok_s is None:
+        return None
+    at = times.last_ok_s + bound_s
+    if times.busy_since_s is not None:
+        since = times.busy_since_s if times.last_new_s is None else max(times.last_new_s, times.busy_since_s)
+        at = min(at, since + bound_s)
+    return at
+
+
+def stock_deadline_s(times: TelemetryTimes, bound_s: float, poll_interval_s: float) -> float | None:
+    """By when the loop asks for stock if the telemetry stays silent; None before any was read.
+
+    Half a period after it turns stale: half a period before `bound_s + poll_interval_s` is up.
+    """
+    stale_at = stale_at_s(times, bound_s)
+    return None if stale_at is None else stale_at + poll_interval_s / 2
+
+
+def call_timeout_s(
+    now_s: float, times: TelemetryTimes, bound_s: float, poll_interval_s: float, at_stock: bool
+) -> float:
+    """How long one engine poll or GPU call may take: stock in time whatever hangs.
+
+    While a lock may be held, a call started before the telemetry turns stale ends by
+    `stock_deadline_s`, and one started later (the reset, a poll while the reset fails) gets half
+    a period: the next check then finds the telemetry stale and asks for stock within
+    `bound_s + poll_interval_s` of the last fresh telemetry. At stock (or before any telemetry)
+    nothing needs undoing, and the bound only keeps the loop turning.
+    """
+    deadline = None if at_stock else stock_deadline_s(times, bound_s, poll_interval_s)
+    if deadline is None:
+        return bound_s
+    return max(deadline - now_s, poll_interval_s / 2)
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Exponential wait before restarting a failed loop: a deterministic bug must not spin a core."""
@@ -76,8 +113,14 @@ class Backoff:
 def not_ready_reasons(
     mode: LoopMode, actuator: ActuatorMode, stale: str | None, policy_error: str | None
 ) -> list[str]:
-    """Why /readyz answers 503; empty when the sidecar steers with fresh telemetry."""
+    """Why /readyz answers 503; empty when the sidecar steers with a built policy and fresh telemetry.
+
+    `stale` is computed when asked, from the last-fresh time, so a tick stuck in a call cannot
+    keep the sidecar ready past the bound.
+    """
     reasons = []
+    if mode is LoopMode.STARTING:
+        reasons.append("starting: no policy built yet to decide with")
     if mode is LoopMode.FAILED:
         reasons.append("the control loop failed and is restarting")
     if stale is not None:

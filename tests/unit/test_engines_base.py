@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import socket
 
 import aiohttp
 import pytest
@@ -129,3 +130,23 @@ def test_adapter_closes_only_the_session_it_made():
             return own.closed, shared.closed
 
     assert asyncio.run(scenario()) == (True, False)
+
+
+def test_an_unreachable_engine_is_logged_naming_the_variable_that_set_its_url(caplog):
+    with socket.socket() as probe:  # a loopback port nothing listens on: refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def scenario():
+        adapter = TritonTrtllmAdapter(
+            f"http://127.0.0.1:{port}/metrics", setting="THROTTLLEM_ENGINE_METRICS_URL"
+        )
+        with pytest.raises(EngineUnavailableError):
+            await adapter.poll()
+        await adapter.close()
+
+    with caplog.at_level(logging.WARNING, logger="agent.engines.triton_trtllm"):
+        asyncio.run(scenario())
+    (warning,) = caplog.records
+    assert "THROTTLLEM_ENGINE_METRICS_URL" in warning.getMessage()
+    assert "cannot reach" in warning.getMessage()

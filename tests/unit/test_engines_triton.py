@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,28 @@ def test_keeping_only_the_trtllm_families_parses_to_the_same_samples():
     kept = parse_samples(only_families(text, "nv_trt_llm_"))
     assert kept == {name: s for name, s in everything.items() if name.startswith("nv_trt_llm_")}
     assert kept and "nv_inference_count" not in kept and "nv_gpu_utilization" not in kept
+
+
+@pytest.mark.parametrize(
+    ("family", "key", "raw"),
+    [
+        ("nv_trt_llm_kv_cache_block_metrics", "max", 1e300),  # broke the policy build before
+        ("nv_trt_llm_kv_cache_block_metrics", "max", 2.0**63),
+        ("nv_trt_llm_request_metrics", "active", 2.0**31 + 1),
+        ("nv_trt_llm_kv_cache_block_metrics", "tokens_per", math.inf),
+        ("nv_trt_llm_general_metrics", "iteration_counter", 2.0**63),
+        ("nv_trt_llm_general_metrics", "timestamp", 1e300),
+    ],
+)
+def test_implausible_counts_are_malformed_not_passed_on(family, key, raw):
+    values = gauges(7)
+    values[family][key] = raw
+    with pytest.raises(MalformedMetricsError, match=re.escape(f'{key}"}} is {raw:g}, not a count')):
+        read(render(("tensorrt_llm", "1", values)))
+
+
+def test_counts_within_the_bounds_are_read():
+    values = gauges(2**40)  # the iteration counter is cumulative: far above 2^31 is fine
+    values["nv_trt_llm_kv_cache_block_metrics"]["max"] = 2**31
+    stats = read(render(("tensorrt_llm", "1", values)))
+    assert stats is not None and stats.kv_blocks_max == 2**31 and stats.iteration == 2**40

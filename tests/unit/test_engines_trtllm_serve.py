@@ -132,3 +132,24 @@ def test_adapter_drains_records_skips_bad_ones_and_sees_restarts(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any("skipped 1 malformed" in m and "'kvCacheStats' must be an object" in m for m in messages)
     assert any("engine restarted" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [
+        ('"maxNumBlocks":101256', f'"maxNumBlocks":{2**63}'),
+        ('"maxNumBlocks":101256', '"maxNumBlocks":' + "1" + "0" * 300),
+        ('"numActiveRequests":3', f'"numActiveRequests":{2**31 + 1}'),
+        ('"iter":5', f'"iter":{2**63}'),
+        ('"iterLatencyMS":7.00688362121582', '"iterLatencyMS":NaN'),
+        ('"iterLatencyMS":7.00688362121582', '"iterLatencyMS":1e300'),
+    ],
+)
+def test_implausible_counts_are_refused_record_by_record(field, raw):
+    bad = record(5)
+    assert field in bad
+    batch = parse_serve_metrics(array(record(4), bad.replace(field, raw)))
+    assert [s.iteration for s in batch.stats] == [4]
+    assert len(batch.rejected) == 1 and "record 1" in batch.rejected[0]
+    with pytest.raises(MalformedMetricsError, match="no usable iteration stats record"):
+        parse_serve_metrics(array(bad.replace(field, raw)))

@@ -10,7 +10,7 @@ import itertools
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from agent.engines.base import EngineConfigError, MissingMetricsError
+from agent.engines.base import EngineConfigError, MalformedMetricsError, MissingMetricsError
 from agent.engines.prometheus_text import parse_samples
 from agent.engines.vllm import VllmAdapter, VllmReading, read_vllm, vllm_engine_stats
 from tests.unit.engine_server import MetricsServer
@@ -220,3 +220,30 @@ def test_adapter_steps_restart_and_missing_geometry():
             assert "vllm:cache_config_info{num_gpu_blocks}" in str(adapter.health.last_error)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("vllm:num_requests_running", "1e300"),
+        ("vllm:num_requests_waiting", "9.223372036854776e+18"),  # 2^63
+        ("vllm:iteration_tokens_total_count", "1e300"),
+        ("vllm:prompt_tokens_total", "+Inf"),
+    ],
+)
+def test_implausible_counts_are_malformed_not_passed_on(name, raw):
+    engine = FakeVllm()
+    engine.step(100, 4)
+    text = "\n".join(
+        line.rsplit(" ", 1)[0] + f" {raw}" if line.startswith(name + "{") else line
+        for line in engine.text().splitlines()
+    )
+    with pytest.raises(MalformedMetricsError, match=f"{name}.* is "):
+        read_vllm(parse_samples(text + "\n"))
+
+
+def test_absurd_kv_cache_size_label_is_malformed():
+    engine = FakeVllm(blocks=str(2**63))
+    engine.step(100, 4)
+    with pytest.raises(MalformedMetricsError, match="num_gpu_blocks"):
+        read_vllm(parse_samples(engine.text()))

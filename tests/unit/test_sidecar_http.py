@@ -9,7 +9,7 @@ from agent.engines.base import EngineUnavailableError
 from agent.sidecar.energy import EnergySampler
 from agent.sidecar.http_api import build_admin_app, build_sidecar_app
 from agent.sidecar.metrics import SidecarMetrics
-from tests.unit.sidecar_fakes import ScriptedPolicy, rig, stats
+from tests.unit.sidecar_fakes import FakeAdapter, ScriptedPolicy, rig, stats
 
 FAMILIES = {
     "throttllem_sm_clock_mhz",
@@ -146,5 +146,63 @@ def test_admin_switches_policy_and_refuses_bad_specs():
         assert r.actuator.calls[-1] == ("set", 1200)
         assert state["loop"]["policy"] == "static:1200" and state["loop"]["locked_mhz"] == 1200
         assert state["last_decision"]["sm_clock_mhz"] == 1200
+
+    asyncio.run(scenario())
+
+
+class HangingAdapter(FakeAdapter):
+    """Answers what was queued until `hang` is set; from then on a poll never returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = asyncio.Event()
+
+    async def poll(self):
+        if self.hang.is_set():
+            await asyncio.Event().wait()
+        return await super().poll()
+
+
+def test_readyz_turns_503_once_the_bound_passes_in_a_hung_tick():
+    async def scenario():
+        r = rig(ScriptedPolicy([1050]), stale_after_s=2.0)
+        r.loop.adapter = HangingAdapter()
+        app, _ = sidecar(r)
+        async with TestClient(TestServer(app)) as client:
+            await r.loop.start()
+            r.loop.adapter.queue.append(stats(1))
+            await r.loop.tick()
+            assert (await client.get("/readyz")).status == 200
+            r.loop.adapter.hang.set()
+            tick = asyncio.create_task(r.loop.tick())
+            await asyncio.sleep(0.01)
+            r.clock.now += 1.5
+            assert (await client.get("/readyz")).status == 200  # within the bound
+            r.clock.now += 1.0
+            response = await client.get("/readyz")
+            body = await response.json()
+            assert not tick.done()  # still stuck in the poll: nothing but the clock has moved
+            tick.cancel()
+        assert response.status == 503 and body["ready"] is False
+        assert any("telemetry stale" in reason for reason in body["not_ready"]), body
+
+    asyncio.run(scenario())
+
+
+def test_readyz_is_not_ready_while_starting_without_a_policy():
+    async def scenario():
+        r = rig(ScriptedPolicy([900]), spec="throttllem")  # needs the engine's limits to be built
+        app, _ = sidecar(r)
+        async with TestClient(TestServer(app)) as client:
+            await r.loop.start()
+            await r.loop.tick()  # metrics readable and fresh, but no iteration yet: no policy
+            starting = await client.get("/readyz")
+            starting_body = await starting.json()
+            r.adapter.queue.append(stats(1))
+            await r.loop.tick()
+            ready = await client.get("/readyz")
+        assert starting.status == 503 and starting_body["mode"] == "starting"
+        assert any("no policy" in reason for reason in starting_body["not_ready"]), starting_body
+        assert ready.status == 200
 
     asyncio.run(scenario())
