@@ -7,17 +7,26 @@ variable's name and what it accepts. Command-line flags override these per invoc
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import logging
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import yarl
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.catalog import GPUS, MODELS
+from agent.gpus.node_agent import check_pod_field
 from agent.policy_registry import PolicySpec, ServedEngine, check_live_policy, policy_syntax
 from agent.slo_presets import load_slo_preset
+
+log = logging.getLogger(__name__)
 
 ENV_PREFIX = "THROTTLLEM_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -57,10 +66,53 @@ def log_level(value: str) -> str:
     return value.upper()
 
 
-def _http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http(s) URL like http://host:port[/path]")
+# A DNS name: dot-separated labels of letters, digits and '-' (not at either end); '_' too, which
+# Docker's and Consul's service names use and resolvers accept.
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+_URL_FORM = "must be an http(s) URL like http://host:port[/path]"
+
+
+def host_name(value: str) -> str:
+    """A host to listen on or connect to: a DNS name or an IP literal, refused otherwise."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _DNS_NAME.fullmatch(value):
+            raise ValueError("must be a DNS name (letters, digits, '-', '.') or an IP address") from None
+    return value
+
+
+def _url_port(value: str) -> str:
+    """The port as written in `value` ('' when none): yarl would read '+80' or '８０' as 80."""
+    hostport = urlsplit(value).netloc.rpartition("@")[2]
+    return (hostport.rpartition("]")[2] if hostport.startswith("[") else hostport).partition(":")[2]
+
+
+def http_url(value: str) -> str:
+    """An http(s) URL aiohttp can open: checked here so a typo fails at start, naming its variable.
+
+    Refused: whitespace anywhere, a scheme other than http(s), a host that is neither a DNS name
+    nor an IP literal, a port outside 1..65535 or not plain digits. Whether the host resolves is
+    not checked: in Kubernetes a Service may appear after the pod starts, so that stays a runtime
+    error (the adapter's messages name the variable).
+    """
+    if any(char.isspace() for char in value):
+        raise ValueError(f"{_URL_FORM}, without whitespace")
+    try:
+        port = _url_port(value)
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"the port must be a number in 1..65535, got {port!r}")
+        url = yarl.URL(value)  # what aiohttp parses the URL with
+    except ValueError as exc:
+        raise ValueError(f"{_URL_FORM}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise ValueError(_URL_FORM)
+    try:
+        host_name(url.raw_host)
+    except ValueError as exc:
+        raise ValueError(f"{_URL_FORM}: the host {url.raw_host!r} {exc}") from None
     return value
 
 
@@ -104,6 +156,38 @@ class Settings(BaseSettings):
     gateway_port: int = Field(
         0, ge=0, le=65535, description="gateway port; 0: no gateway (metrics-only mode, no admission control)"
     )
+    gateway_max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="largest request body the gateway reads, in bytes; larger: 413 before it is read",
+    )
+    gateway_body_buffer_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="bytes of request bodies the gateway holds at once, all requests together; "
+        "more wait 1 s, then 503",
+    )
+    gateway_body_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="a request body must arrive within this many seconds; else 408"
+    )
+    gateway_header_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="seconds a request head may take from its first byte"
+    )
+    gateway_idle_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0, description="the gateway closes a keep-alive connection idle this long"
+    )
+    gateway_max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="client connections the gateway holds at once; more get 503 and are closed; "
+        "unset: (RLIMIT_NOFILE - 64) / 2, at most 4096",
+    )
+    gateway_allow_paths: str | None = Field(
+        None,
+        description="more paths the gateway forwards, any method: comma-separated globs (* matches / too), "
+        "e.g. /v2/models/*/stats; unset: the inference API only",
+    )
     sidecar_host: str = Field("0.0.0.0", description="address of /healthz, /readyz and /metrics")
     sidecar_port: int = Field(9401, ge=0, le=65535, description="port of /healthz, /readyz and /metrics")
     admin_enabled: bool = Field(
@@ -112,8 +196,10 @@ class Settings(BaseSettings):
     admin_port: int = Field(9402, ge=0, le=65535, description="admin API port (always bound to 127.0.0.1)")
 
     # The GPU: how the clock is set and energy read.
-    actuator: Literal["nvml", "twin", "dryrun"] = Field(
-        "dryrun", description="how clocks are set: nvml | twin | dryrun (decide and log, never set)"
+    actuator: Literal["nvml", "twin", "dryrun", "node"] = Field(
+        "dryrun",
+        description="how clocks are set: nvml | twin | dryrun (decide and log, never set) | node (ask "
+        "the node agent, `throttllem node`, over its socket)",
     )
     meter: Literal["nvml", "dcgm", "twin", "none"] = Field(
         "none", description="where energy is read: nvml | dcgm | twin | none"
@@ -131,6 +217,14 @@ class Settings(BaseSettings):
     dcgm_url: str = Field(
         "http://localhost:9400/metrics", description="dcgm-exporter metrics URL (dcgm meter)"
     )
+    node_socket: Path = Field(
+        Path("/run/throttllem/node.sock"), description="the node agent's Unix socket (node actuator)"
+    )
+    pod_namespace: str | None = Field(
+        None, description="this pod's namespace (Downward API metadata.namespace), for the node agent"
+    )
+    pod_name: str | None = Field(None, description="this pod's name (metadata.name), for the node agent")
+    pod_uid: str | None = Field(None, description="this pod's UID (metadata.uid), for the node agent")
 
     # The control loop and its watchdog.
     poll_interval_ms: int = Field(100, ge=10, le=10_000, description="control period: one poll and decision")
@@ -167,7 +261,37 @@ class Settings(BaseSettings):
     @field_validator("engine_metrics_url", "engine_url", "twin_url", "dcgm_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        return None if value is None else _http_url(value)
+        return None if value is None else http_url(value)
+
+    @field_validator("gateway_host", "sidecar_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return host_name(value)
+
+    @field_validator("gateway_body_buffer_bytes")
+    @classmethod
+    def _body_buffer(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("gateway_max_body_bytes")
+        if largest is not None and value < largest:
+            raise ValueError(
+                f"must be at least THROTTLLEM_GATEWAY_MAX_BODY_BYTES ({largest}): the largest body must fit"
+            )
+        return value
+
+    @field_validator("gateway_allow_paths")
+    @classmethod
+    def _allow_paths(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        patterns = [part.strip() for part in value.split(",") if part.strip()]
+        if not patterns or not all(pattern.startswith("/") for pattern in patterns):
+            raise ValueError("must be comma-separated path patterns, each starting with / (e.g. /v1/models)")
+        return ",".join(patterns)
+
+    @field_validator("pod_namespace", "pod_name", "pod_uid")
+    @classmethod
+    def _pod_field(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_pod_field(str(info.field_name).removeprefix("pod_"), value)
 
     @field_validator("gpu_uuid")
     @classmethod
@@ -251,6 +375,14 @@ class Settings(BaseSettings):
                 _problem("twin_url", None, "must be set when THROTTLLEM_ACTUATOR or THROTTLLEM_METER is twin")
             )
         selectors = [f for f in ("gpu_uuids", "gpu_uuid", "gpu_index") if getattr(self, f) is not None]
+        if self.actuator == "node" and self.gpu_index is not None:
+            problems.append(
+                _problem(
+                    "gpu_index",
+                    self.gpu_index,
+                    "the node actuator selects GPUs by UUID: set THROTTLLEM_GPU_UUIDS",
+                )
+            )
         if len(selectors) > 1:
             names = " and ".join(env_name(f) for f in selectors)
             problems.append(
@@ -295,6 +427,52 @@ def load_settings(overrides: Mapping[str, Any] | None = None, *, sidecar: bool =
     if problems:
         raise ConfigError("; ".join(problems))
     return settings
+
+
+def settings_variables() -> set[str]:
+    """Every THROTTLLEM_* variable some settings class of this process reads.
+
+    Found by walking BaseSettings' subclasses (sidecar, coordinator, node agent...), so a class
+    added later counts without being listed here; the command line imports every command's
+    settings, so all are loaded.
+    """
+    names: set[str] = set()
+    pending = list(BaseSettings.__subclasses__())
+    while pending:
+        model = pending.pop()
+        pending.extend(model.__subclasses__())
+        prefix = str(model.model_config.get("env_prefix", "")).upper()
+        if prefix.startswith(ENV_PREFIX):
+            names.update(f"{prefix}{field.upper()}" for field in model.model_fields)
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per THROTTLLEM_* variable in `environ` that no setting reads, with the name meant.
+
+    Names are compared in capitals, as pydantic-settings reads them.
+    """
+    known = settings_variables()
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            # Compared without the prefix every name shares, which would make any two look close.
+            close = difflib.get_close_matches(
+                upper.removeprefix(ENV_PREFIX), [k.removeprefix(ENV_PREFIX) for k in known], n=1
+            )
+            meant = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+            lines.append(f"{name} is set but no setting reads it, so it is ignored{meant}")
+    return lines
+
+
+def warn_unknown_variables(environ: Mapping[str, str] = os.environ) -> None:
+    """Log a WARNING per misspelt or unknown THROTTLLEM_* variable; never fail.
+
+    A newer configuration must still start an older binary.
+    """
+    for line in unknown_variables(environ):
+        log.warning("%s", line)
 
 
 S = TypeVar("S", bound=BaseSettings)

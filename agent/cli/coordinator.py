@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.cli.common import CliError
 from agent.cli.logs import configure_logging
-from agent.config import Settings
+from agent.config import Settings, warn_unknown_variables
 from agent.coordinator.settings import CoordinatorSettings, load_coordinator_settings, parse_capacities
 
 OVERRIDES = ("port", "router_port", "sizes", "capacities", "period_s", "log_level")
@@ -71,6 +71,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     settings = load_coordinator_settings(overrides)
     configure_logging(settings.log_level, args.json_logs)
+    warn_unknown_variables()
     scaling = ScalingConfig(
         tuple(capacities_of(settings).items()), settings.headroom, settings.grace_s, settings.shadow_timeout_s
     )

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     run.add_argument("--json-logs", action="store_true", help="log one JSON object per line on stderr")
     run.add_argument("--policy", help=f"clock policy (THROTTLLEM_POLICY, now {settings.policy})")
     run.add_argument(
-        "--actuator", help=f"nvml | twin | dryrun (THROTTLLEM_ACTUATOR, now {settings.actuator})"
+        "--actuator", help=f"nvml | twin | dryrun | node (THROTTLLEM_ACTUATOR, now {settings.actuator})"
     )
     run.add_argument(
         "--sidecar-port",

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agent.config import ConfigError, in_catalog, log_level, read_settings, settings_table_markdown
+from agent.config import ConfigError, host_name, in_catalog, log_level, read_settings, settings_table_markdown
 from agent.coordinator.names import DEFAULT_DEPLOYMENT, DEFAULT_SERVICE, deployment_name
 
 COORDINATOR_PREFIX = "THROTTLLEM_COORDINATOR_"
@@ -125,6 +125,11 @@ class CoordinatorSettings(BaseSettings):
                 "must contain {size} and give Deployment names (lower-case letters, digits, '-' and '.')"
             )
         return value
+
+    @field_validator("host", "router_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return host_name(value)
 
     @field_validator("log_level")
     @classmethod

@@ -7,7 +7,8 @@ the energy sampler run as named tasks of one TaskGroup.
 
 Stop (the `stop` event, set on SIGTERM/SIGINT, or a task that died): cancel the tasks → open
 admission and reset the clocks (`loop.shutdown`) *before* anything else, so a slow gateway drain
-never keeps a GPU throttled → close listeners, adapter, meter → flush traces. A daemon thread
+never keeps a GPU throttled → drain the gateway (its listener still open, new requests answered
+503 + Retry-After rather than refused) → close listeners, adapter, meter → flush traces. A daemon thread
 exits the process hard if that takes longer than THROTTLLEM_SHUTDOWN_TIMEOUT_S.
 """
 
@@ -24,17 +25,18 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from agent.catalog import GPUS
-from agent.config import Settings, env_name
+from agent.config import Settings, env_name, warn_unknown_variables
 from agent.control.admission import EngineLimits
 from agent.domain import GpuSpec
 from agent.engines import build_adapter
 from agent.engines.base import EngineAdapter
 from agent.gpus import Actuator, GpuControlError, Meter, open_engine_actuator, open_engine_meter
+from agent.gpus.node_agent import NodeAgentTarget, PodIdentity
 from agent.policy_registry import BuiltPolicy, PolicyContext, ServedEngine, build_policy, check_live_policy
 from agent.predict.lengths import MaxTokensPredictor
 from agent.sidecar.energy import EnergySampler
@@ -45,6 +47,9 @@ from agent.sidecar.spans import DecisionSpans
 from agent.sidecar.tracker import RequestTracker
 from agent.slo_presets import control_targets, load_slo_preset
 from agent.telemetry import Tracing, setup_tracing
+
+if TYPE_CHECKING:
+    from agent.sidecar.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +122,14 @@ def policy_builder(settings: Settings, gpu: GpuSpec) -> PolicyBuilder:
 
 async def open_actuator(settings: Settings) -> Actuator:
     """The configured actuator of every GPU of the engine (dry-run observes NVML or the twin)."""
+    pod = PodIdentity(settings.pod_namespace, settings.pod_name, settings.pod_uid)
     return await open_engine_actuator(
         settings.actuator,
         uuids=settings.selected_gpu_uuids,
         index=settings.gpu_index,
         twin_url=settings.twin_url,
         gpu_spec=GPUS[settings.gpu],
+        node_agent=NodeAgentTarget(settings.node_socket, pod),
     )
 
 
@@ -145,7 +152,7 @@ async def open_meter(settings: Settings) -> Meter | None:
 
 def open_adapter(settings: Settings) -> EngineAdapter:
     """The engine adapter, selecting the configured model where the engine serves several."""
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {"setting": env_name("engine_metrics_url")}  # named when the host is wrong
     if settings.engine_model is not None:
         opts["model" if settings.engine == "triton" else "model_name"] = settings.engine_model
     return build_adapter(settings.engine, settings.metrics_url, **opts)
@@ -183,10 +190,10 @@ async def build_sidecar(settings: Settings, tracing: Tracing, stack: contextlib.
         ),
     )
     stack.push_async_callback(loop.shutdown)
-    gateway_app, output_tokens = build_gateway(settings, tracker, tracing)
+    gateway_app, gateway = build_gateway(settings, tracker, tracing)
     energy = EnergySampler(meter)
     info = {"engine": settings.engine, "gpu": settings.gpu, "model": settings.model, "tp": str(settings.tp)}
-    metrics = SidecarMetrics(loop, tracker, energy, info, output_tokens)
+    metrics = SidecarMetrics(loop, tracker, energy, info, gateway=gateway)
     loop.add_observer(metrics.observe)
     loop.add_observer(DecisionSpans(tracing.provider.get_tracer(__name__), settings.trace_sample_every))
     log.info(
@@ -206,20 +213,30 @@ async def build_sidecar(settings: Settings, tracing: Tracing, stack: contextlib.
 
 def build_gateway(
     settings: Settings, tracker: RequestTracker, tracing: Tracing
-) -> tuple[web.Application | None, Callable[[], int | None]]:
-    """The gateway app when a gateway port is set, and a reader of the output tokens it counted."""
+) -> tuple[web.Application | None, Gateway | None]:
+    """The gateway app when a gateway port is set, and the gateway (its counters feed /metrics)."""
     if not settings.gateway_port:
-        return None, lambda: None
-    from agent.sidecar.gateway import Gateway, build_gateway_app
+        return None, None
+    from agent.sidecar.gateway import Gateway, GatewayLimits, build_gateway_app
     from agent.sidecar.prompt_tokens import build_prompt_counter
 
+    allow = settings.gateway_allow_paths
     gateway = Gateway(
         tracker,
         settings.engine_url,
         prompt_tokens=build_prompt_counter(settings.tokenizer),
         tracer_provider=tracing.provider,
+        limits=GatewayLimits(
+            max_body_bytes=settings.gateway_max_body_bytes,
+            body_buffer_bytes=settings.gateway_body_buffer_bytes,
+            body_timeout_s=settings.gateway_body_timeout_s,
+            header_timeout_s=settings.gateway_header_timeout_s,
+            idle_timeout_s=settings.gateway_idle_timeout_s,
+            max_connections=settings.gateway_max_connections,
+            allow_paths=tuple(allow.split(",")) if allow else (),
+        ),
     )
-    return build_gateway_app(gateway), lambda: gateway.stats.streamed_tokens + gateway.stats.body_tokens
+    return build_gateway_app(gateway), gateway
 
 
 async def listen(
@@ -261,6 +278,8 @@ async def serve(settings: Settings, stop: asyncio.Event, announce: Announce = pr
                 loop = sidecar.loop
                 await sidecar.loop.start()
                 ports = await start_listeners(sidecar, sockets, stack)
+                if sidecar.gateway_app is not None:  # runs after the reset, before listeners close
+                    stack.push_async_callback(drain_gateway, sidecar.gateway_app)
                 # Pushed last, so it runs first: clocks are reset before the gateway drains.
                 stack.push_async_callback(sidecar.loop.shutdown)
                 await run_tasks(sidecar, stop, lambda: announce(ports))
@@ -317,13 +336,7 @@ async def start_listeners(
         "admin_port": None,
     }
     if sidecar.gateway_app is not None and sockets.gateway is not None:
-        ports["gateway_port"] = await serve_on(
-            sidecar.gateway_app,
-            sockets.gateway,
-            stack,
-            shutdown_timeout=GATEWAY_DRAIN_S,
-            access_log=None,  # one span per request is the record; a log line each is noise at load
-        )
+        ports["gateway_port"] = await serve_gateway(sidecar.gateway_app, sockets.gateway, stack)
     if settings.admin_enabled:
         engine = served_engine(settings, sidecar.loop.gpu)
 
@@ -336,6 +349,29 @@ async def start_listeners(
             build_admin_app(sidecar.loop, check), sockets.admin, stack, access_log=None
         )
     return ports
+
+
+async def serve_gateway(app: web.Application, sock: socket.socket, stack: contextlib.AsyncExitStack) -> int:
+    """Serve the gateway on its bound socket, through its connection budget; returns the port."""
+    from agent.sidecar.gateway import GATEWAY_KEY, server_options, start_gateway_site
+
+    runner = web.AppRunner(
+        app,
+        shutdown_timeout=GATEWAY_DRAIN_S,
+        access_log=None,  # one span per request is the record; a log line each is noise at load
+        **server_options(app[GATEWAY_KEY].limits),
+    )
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await start_gateway_site(runner, sock)
+    return int(sock.getsockname()[1])
+
+
+async def drain_gateway(app: web.Application) -> None:
+    """New gateway requests get 503 + Retry-After while those in flight finish (bounded)."""
+    from agent.sidecar.gateway import GATEWAY_KEY
+
+    await app[GATEWAY_KEY].drain(GATEWAY_DRAIN_S)
 
 
 async def run_tasks(sidecar: Sidecar, stop: asyncio.Event, ready: Callable[[], None]) -> None:
@@ -353,6 +389,7 @@ async def run_tasks(sidecar: Sidecar, stop: asyncio.Event, ready: Callable[[], N
 
 def run_sidecar(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT; 0 after a clean stop, 1 when the clocks could not be reset."""
+    warn_unknown_variables()
 
     async def main() -> str | None:
         stop = asyncio.Event()

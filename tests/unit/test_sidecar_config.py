@@ -1,10 +1,19 @@
 """Sidecar settings: every bad value is refused with the variable's name and what it accepts."""
 
+import logging
 import re
 
 import pytest
 
-from agent.config import ConfigError, Settings, env_name, load_settings, settings_table_markdown
+from agent.config import (
+    ConfigError,
+    Settings,
+    env_name,
+    load_settings,
+    settings_table_markdown,
+    warn_unknown_variables,
+)
+from agent.coordinator.settings import load_coordinator_settings  # also loads its settings class
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +41,22 @@ BAD_VALUES = [
     ("THROTTLLEM_ENGINE", "tgi", "must be 'triton', 'trtllm-serve' or 'vllm'"),
     ("THROTTLLEM_ENGINE_METRICS_URL", "localhost:8002", "must be an http(s) URL"),
     ("THROTTLLEM_ENGINE_URL", "ftp://x", "must be an http(s) URL"),
+    ("THROTTLLEM_ENGINE_URL", "http://h:80 80", "without whitespace"),
+    ("THROTTLLEM_ENGINE_URL", "http://h:80:90", "must be an http(s) URL"),  # urlsplit takes it, aiohttp not
+    ("THROTTLLEM_ENGINE_URL", "http://user@:80", "must be an http(s) URL"),
+    ("THROTTLLEM_ENGINE_METRICS_URL", "http://h:99999/metrics", "the port must be a number in 1..65535"),
+    ("THROTTLLEM_ENGINE_METRICS_URL", "http://h:0/metrics", "the port must be a number in 1..65535"),
+    ("THROTTLLEM_ENGINE_METRICS_URL", "http://h:+80/metrics", "the port must be a number in 1..65535"),
+    ("THROTTLLEM_TWIN_URL", "http://a..b:8000", "must be a DNS name"),
+    ("THROTTLLEM_DCGM_URL", "http://-dcgm-:9400/metrics", "must be a DNS name"),
+    ("THROTTLLEM_DCGM_URL", "http://dcgm\t:9400/metrics", "without whitespace"),
+    ("THROTTLLEM_GATEWAY_HOST", "0.0.0.0 ", "must be a DNS name"),
+    ("THROTTLLEM_SIDECAR_HOST", "my host", "must be a DNS name"),
     ("THROTTLLEM_GATEWAY_PORT", "70000", "must be less than or equal to 65535"),
     ("THROTTLLEM_SIDECAR_PORT", "-1", "must be greater than or equal to 0"),
     ("THROTTLLEM_ADMIN_ENABLED", "perhaps", "must be a valid boolean"),
     ("THROTTLLEM_ADMIN_PORT", "x", "must be a valid integer"),
-    ("THROTTLLEM_ACTUATOR", "sysfs", "must be 'nvml', 'twin' or 'dryrun'"),
+    ("THROTTLLEM_ACTUATOR", "sysfs", "must be 'nvml', 'twin', 'dryrun'"),
     ("THROTTLLEM_METER", "rapl", "must be 'nvml', 'dcgm', 'twin' or 'none'"),
     ("THROTTLLEM_GPU_UUID", "0", "must be a full GPU UUID"),
     ("THROTTLLEM_GPU_INDEX", "-2", "must be greater than or equal to 0"),
@@ -140,3 +160,52 @@ def test_run_with_settings_that_do_not_fit_prints_one_line_and_exits_1(monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("throttllem: error: THROTTLLEM_TWIN_URL=None: must be set")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8002/metrics",
+        "https://engine.ns.svc.cluster.local:8000",
+        "http://[::1]:8000/metrics",
+        "http://triton_engine:8002/metrics",  # a Docker Compose service name
+        "http://user:secret@host:1/x?y=1",
+        "http://host.:65535/",
+    ],
+)
+def test_good_urls_and_hosts_pass(monkeypatch, url):
+    monkeypatch.setenv("THROTTLLEM_ENGINE_URL", url)
+    monkeypatch.setenv("THROTTLLEM_SIDECAR_HOST", "::")
+    settings = load_settings(sidecar=True)
+    assert settings.engine_url == url and settings.sidecar_host == "::"
+
+
+def test_unresolvable_host_is_left_to_runtime(monkeypatch):
+    monkeypatch.setenv("THROTTLLEM_ENGINE_METRICS_URL", "http://engine-not-created-yet.invalid:8002/metrics")
+    assert load_settings(sidecar=True).metrics_url.startswith("http://engine-not-created-yet.invalid")
+
+
+def test_misspelt_and_unknown_variables_are_warned_once_each_never_fatal(monkeypatch, caplog):
+    monkeypatch.setenv("THROTTLLEM_POLCY", "max")  # a typo of THROTTLLEM_POLICY
+    monkeypatch.setenv("THROTTLLEM_TELEMETRY_STALE", "3")
+    monkeypatch.setenv("THROTTLLEM_FROM_A_NEWER_RELEASE", "1")
+    monkeypatch.setenv("THROTTLLEM_COORDINATOR_PORT", "9500")  # the coordinator's: known
+    monkeypatch.setenv("THROTTLLEM_GPU", "a100-sxm4-80gb")
+    with caplog.at_level(logging.WARNING, logger="agent.config"):
+        warn_unknown_variables()
+        settings = load_settings(sidecar=True)  # still starts
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert len(warnings) == 3, warnings
+    assert warnings[0].startswith("THROTTLLEM_FROM_A_NEWER_RELEASE is set but no setting reads it")
+    assert "did you mean" not in warnings[0]
+    assert warnings[1].startswith("THROTTLLEM_POLCY") and "did you mean THROTTLLEM_POLICY?" in warnings[1]
+    assert "did you mean THROTTLLEM_TELEMETRY_STALE_S?" in warnings[2]
+    assert settings.policy == "max"
+
+
+def test_the_coordinator_refuses_hosts_as_the_sidecar_does(monkeypatch):
+    monkeypatch.setenv("THROTTLLEM_COORDINATOR_ROUTER_HOST", "127.0.0.1 9100")
+    with pytest.raises(
+        ConfigError, match=r"^THROTTLLEM_COORDINATOR_ROUTER_HOST='127.0.0.1 9100': must be a DNS"
+    ):
+        load_coordinator_settings()
