@@ -153,9 +153,11 @@ def test_every_yaml_and_json_file_parses() -> None:
 
 def test_every_throttllem_variable_is_a_setting() -> None:
     from agent.coordinator.settings import CoordinatorSettings, coordinator_env
+    from agent.node.settings import NodeSettings, node_env
 
     known = {env_name(field) for field in Settings.model_fields}
     known |= {coordinator_env(field) for field in CoordinatorSettings.model_fields}
+    known |= {node_env(field) for field in NodeSettings.model_fields}
     used: dict[str, set[str]] = {}
     for path in DEPLOY.rglob("*"):
         if path.is_file():
@@ -191,13 +193,15 @@ def test_base_settings_are_what_the_brief_deploys(sidecar_env: None, monkeypatch
     # The GPU is found at start-up (triton_gpu_uuid.py), so the manifests cannot name it.
     assert not {"THROTTLLEM_GPU_UUIDS", "THROTTLLEM_GPU_UUID", "THROTTLLEM_GPU_INDEX"} & set(env)
     settings = sidecar_settings(monkeypatch, {**env, "THROTTLLEM_GPU_UUID": twin_uuid()})
-    assert (settings.engine, settings.actuator, settings.meter) == ("triton", "nvml", "nvml")
+    # No GPU device in the sidecar: clocks through the node agent, energy from dcgm-exporter.
+    assert (settings.engine, settings.actuator, settings.meter) == ("triton", "node", "dcgm")
     assert settings.metrics_url == "http://127.0.0.1:8002/metrics"
     assert settings.engine_url == "http://127.0.0.1:8000"
     assert (settings.gateway_port, settings.sidecar_port) == (9000, 9401)
     assert (settings.policy, settings.slo) == ("throttllem", "mlperf-server")
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
 def test_dryrun_overlay_only_stops_actuating(sidecar_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     (generator,) = yaml_file(OVERLAYS / "dryrun" / "kustomization.yaml")["configMapGenerator"]
     assert (generator["name"], generator["behavior"]) == ("throttllem", "merge")
@@ -205,11 +209,13 @@ def test_dryrun_overlay_only_stops_actuating(sidecar_env: None, monkeypatch: pyt
     assert literals == {"THROTTLLEM_ACTUATOR": "dryrun"}
     env = {**env_file(BASE / "throttllem.env"), **literals, "THROTTLLEM_GPU_UUID": twin_uuid()}
     assert sidecar_settings(monkeypatch, env).actuator == "dryrun"
-    patch = yaml_file(OVERLAYS / "dryrun" / "unprivileged-sidecar.yaml")
-    context = container(patch["spec"]["template"]["spec"], SIDECAR)["securityContext"]
-    assert "add" not in context["capabilities"] and context["capabilities"]["drop"] == ["ALL"]
-    assert context["runAsNonRoot"] is True and context["allowPrivilegeEscalation"] is False
-    assert context["runAsUser"] == int(dockerfile("USER")[-1])
+    # Nor does it need the node agent: its socket's hostPath is gone, the rest is the base's.
+    base_pod = deployment()["spec"]["template"]["spec"]
+    (deploy,) = [d for d in kustomize(OVERLAYS / "dryrun") if d["kind"] == "Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    assert [v for v in pod["volumes"] if "hostPath" in v] == []
+    assert {v["name"] for v in base_pod["volumes"]} - {v["name"] for v in pod["volumes"]} == {"node-agent"}
+    assert container(pod, SIDECAR)["securityContext"] == container(base_pod, SIDECAR)["securityContext"]
 
 
 def test_sidecar_probes_hit_healthz_on_the_configured_port() -> None:
@@ -222,18 +228,20 @@ def test_sidecar_probes_hit_healthz_on_the_configured_port() -> None:
     assert port_number(sidecar, "gateway") == int(env["THROTTLLEM_GATEWAY_PORT"])
 
 
-def test_sidecar_gets_a_gpu_and_the_privilege_to_clock_it() -> None:
+def test_sidecar_has_no_gpu_and_no_privilege() -> None:
     pod = deployment()["spec"]["template"]["spec"]
     triton, sidecar = container(pod, "triton"), container(pod, SIDECAR)
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in str(sidecar["resources"])
     env = {e["name"]: e.get("value") for e in sidecar["env"]}
-    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
-    assert "NVIDIA_DRIVER_CAPABILITIES=utility" in " ".join(dockerfile("ENV"))
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"  # the NVIDIA runtime injects no device, no library
     context = sidecar["securityContext"]
-    assert context["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
-    # Added capabilities reach root processes only; and k8s refuses SYS_ADMIN with no escalation.
-    assert context["runAsUser"] == 0 and "allowPrivilegeEscalation" not in context
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+    assert context["runAsUser"] == int(dockerfile("USER")[-1]) != 0
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
     # SIGKILL must not come before the sidecar's own hard exit, which comes after the clock reset.
     shutdown_s = float(env_file(BASE / "throttllem.env")["THROTTLLEM_SHUTDOWN_TIMEOUT_S"])
     assert pod["terminationGracePeriodSeconds"] > shutdown_s + 5
@@ -269,7 +277,8 @@ def test_triton_serves_where_the_sidecar_looks() -> None:
 
 def test_service_sends_clients_through_the_gateway_and_is_scraped() -> None:
     pod = deployment()["spec"]["template"]["spec"]
-    service, monitor = yaml_file(BASE / "service.yaml"), yaml_file(BASE / "servicemonitor.yaml")
+    service = yaml_file(BASE / "service.yaml")
+    monitor = yaml_file(OVERLAYS / "prometheus-operator" / "monitoring" / "servicemonitor.yaml")
     by_name = {p["name"]: p for p in service["spec"]["ports"]}
     env = env_file(BASE / "throttllem.env")
 
@@ -314,12 +323,22 @@ def kustomize(overlay: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(rendered) if doc]
 
 
+# Kinds the base's builds hold: plain Kubernetes, so they apply on any cluster.
+BASE_KINDS = {"Namespace", "ConfigMap", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"}
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: not in the Kubernetes schemas
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
 @pytest.mark.parametrize(
-    ("overlay", "actuator", "privileged"),
-    [(BASE, "nvml", True), (OVERLAYS / "dryrun", "dryrun", False), (OVERLAYS / "otel", "nvml", True)],
+    ("overlay", "actuator", "kinds"),
+    [
+        (BASE, "node", BASE_KINDS),
+        (OVERLAYS / "dryrun", "dryrun", BASE_KINDS),
+        (OVERLAYS / "otel", "node", BASE_KINDS),
+        (OVERLAYS / "prometheus-operator", "node", BASE_KINDS | PROMETHEUS_OPERATOR_KINDS),
+    ],
 )
-def test_kustomize_renders(overlay: Path, actuator: str, privileged: bool) -> None:
+def test_kustomize_renders(overlay: Path, actuator: str, kinds: set[str]) -> None:
     docs = kustomize(overlay)
     (deploy,) = [d for d in docs if d["kind"] == "Deployment"]
     sidecar = container(deploy["spec"]["template"]["spec"], SIDECAR)
@@ -332,10 +351,11 @@ def test_kustomize_renders(overlay: Path, actuator: str, privileged: bool) -> No
     ]
     assert sidecar["envFrom"] == [{"configMapRef": {"name": config_map["metadata"]["name"]}}]
     assert config_map["data"]["THROTTLLEM_ACTUATOR"] == actuator
-    assert ("SYS_ADMIN" in sidecar["securityContext"]["capabilities"].get("add", [])) is privileged
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service", "ServiceMonitor"}
+    assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {d["kind"] for d in docs} == kinds
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"throttllem"}
     for doc in docs:
-        if doc["kind"] != "ServiceMonitor":  # a Prometheus Operator CRD: not in the Kubernetes schemas
+        if doc["kind"] not in PROMETHEUS_OPERATOR_KINDS:
             kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
 
 
