@@ -1,4 +1,6 @@
-"""One live run: the twin, the sidecar and the load generator as processes, watched until the load ends.
+"""One live run: twin, node agent, sidecar and load generator as processes, until the load ends.
+
+The sidecar steers the twin's GPU through the node agent, as it steers real GPUs in production.
 
 Where each figure comes from:
 
@@ -9,7 +11,8 @@ Where each figure comes from:
 - held requests, loop mode, decision latency: the sidecar's /metrics;
 - latency: what the load generator's clients saw, one JSON event per request (`throttllem load --events`).
 
-At the end the sidecar gets SIGTERM and the twin is asked whether a clock lock outlived it.
+At the end the sidecar gets SIGTERM (the agent then resets the GPU it leased) and the twin is
+asked whether a clock lock outlived it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -33,6 +37,7 @@ from agent.bench.processes import (
     SidecarSpec,
     Twin,
     start_load,
+    start_node_agent,
     start_sidecar,
     start_twin,
 )
@@ -170,58 +175,65 @@ Update = Callable[[LiveState], None]
 
 async def run_live(spec: LiveRunSpec, on_update: Update) -> LiveRun:
     """Start everything, replay the load through the gateway, stop everything; what was seen."""
-    async with ProcessGroup(spec.log_dir) as group, aiohttp.ClientSession() as session:
-        twin = await start_twin(group, spec.setup)
-        sidecar = await start_sidecar(
-            group, twin, spec.setup, SidecarSpec(policy=spec.policy, slo=spec.slo, models_dir=spec.models_dir)
-        )
-        assert sidecar.gateway_url is not None  # SidecarSpec's gateway is on
-        await warm_up(session, sidecar)
-        state = LiveState(spec.policy, spec.requests, spec.tpot_target_s, spec.ttft_target_s)
-        marks: list[asyncio.Task[None]] = []
-
-        def on_line(line: str) -> None:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                return
-            if not isinstance(event, dict):
-                return
-            state.apply(event)
-            if event.get("event") in ("start", "summary"):
-                marks.append(
-                    asyncio.create_task(_mark_energy(session, twin, state, event["event"] == "start"))
-                )
-
-        load = await start_load(group, replace(spec.load, url=sidecar.gateway_url), on_line)
-        poller = asyncio.create_task(_poll(session, twin, sidecar, state, on_update, spec.refresh_s))
-        try:
-            code = await load.wait(spec.arrivals_s + TAIL_ALLOWANCE_S)
-        except TimeoutError:
-            raise LiveRunError(
-                f"the load generator did not finish within {spec.arrivals_s + TAIL_ALLOWANCE_S:g} s; "
-                f"logs in {spec.log_dir}"
-            ) from None
-        finally:
-            poller.cancel()
-            await asyncio.wait([poller])  # unlike awaiting it, never swallows our own cancellation
-        if code != 0:
-            raise LiveRunError(
-                f"the load generator exited with code {code}; {load.log_path}: {load.log_tail()}"
+    # The agent's socket lives in a short temporary path: a Unix socket's path has 108 bytes at most.
+    with tempfile.TemporaryDirectory(prefix="throttllem-") as socket_dir:
+        async with ProcessGroup(spec.log_dir) as group, aiohttp.ClientSession() as session:
+            twin = await start_twin(group, spec.setup)
+            agent = await start_node_agent(group, [twin.http_url], Path(socket_dir) / "node.sock")
+            sidecar_spec = SidecarSpec(
+                policy=spec.policy,
+                slo=spec.slo,
+                models_dir=spec.models_dir,
+                settings=agent.sidecar_settings(),
             )
-        await asyncio.gather(*marks)
-        page = await get_page(session, sidecar.metrics_url)
-        sidecar_code = await sidecar.child.stop()
-        after = await get_json(session, twin.gpu_url)
-        on_update(state)
-    return LiveRun(
-        state=state,
-        clock_reset_on_exit=after is not None and after.get("locked_clock_mhz", 0) is None,
-        sidecar_exit_code=sidecar_code,
-        decision_p99_s=None if page is None else page.histogram_quantile(DECISION_HISTOGRAM, 0.99),
-        decisions=None if page is None else _int(page.value(f"{DECISION_HISTOGRAM}_count")),
-        log_dir=spec.log_dir,
-    )
+            sidecar = await start_sidecar(group, twin, spec.setup, sidecar_spec)
+            assert sidecar.gateway_url is not None  # SidecarSpec's gateway is on
+            await warm_up(session, sidecar)
+            state = LiveState(spec.policy, spec.requests, spec.tpot_target_s, spec.ttft_target_s)
+            marks: list[asyncio.Task[None]] = []
+
+            def on_line(line: str) -> None:
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    return
+                if not isinstance(event, dict):
+                    return
+                state.apply(event)
+                if event.get("event") in ("start", "summary"):
+                    marks.append(
+                        asyncio.create_task(_mark_energy(session, twin, state, event["event"] == "start"))
+                    )
+
+            load = await start_load(group, replace(spec.load, url=sidecar.gateway_url), on_line)
+            poller = asyncio.create_task(_poll(session, twin, sidecar, state, on_update, spec.refresh_s))
+            try:
+                code = await load.wait(spec.arrivals_s + TAIL_ALLOWANCE_S)
+            except TimeoutError:
+                raise LiveRunError(
+                    f"the load generator did not finish within {spec.arrivals_s + TAIL_ALLOWANCE_S:g} s; "
+                    f"logs in {spec.log_dir}"
+                ) from None
+            finally:
+                poller.cancel()
+                await asyncio.wait([poller])  # unlike awaiting it, never swallows our own cancellation
+            if code != 0:
+                raise LiveRunError(
+                    f"the load generator exited with code {code}; {load.log_path}: {load.log_tail()}"
+                )
+            await asyncio.gather(*marks)
+            page = await get_page(session, sidecar.metrics_url)
+            sidecar_code = await sidecar.child.stop()
+            after = await get_json(session, twin.gpu_url)
+            on_update(state)
+        return LiveRun(
+            state=state,
+            clock_reset_on_exit=after is not None and after.get("locked_clock_mhz", 0) is None,
+            sidecar_exit_code=sidecar_code,
+            decision_p99_s=None if page is None else page.histogram_quantile(DECISION_HISTOGRAM, 0.99),
+            decisions=None if page is None else _int(page.value(f"{DECISION_HISTOGRAM}_count")),
+            log_dir=spec.log_dir,
+        )
 
 
 async def warm_up(

@@ -20,11 +20,13 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -167,8 +169,12 @@ class ProcessGroup:
         announces: bool = True,
         on_line: LineHandler | None = None,
         timeout_s: float = START_TIMEOUT_S,
+        nofile: int | None = None,
     ) -> Child:
-        """Start `throttllem <args>`; for a server (`announces`), wait for its listening line."""
+        """Start `throttllem <args>`; for a server (`announces`), wait for its listening line.
+
+        `nofile` caps the child's open descriptors (RLIMIT_NOFILE), as a container's ulimit would.
+        """
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("wb") as log:
             process = await asyncio.create_subprocess_exec(
@@ -177,6 +183,7 @@ class ProcessGroup:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
                 env=None if env is None else dict(env),
+                preexec_fn=None if nofile is None else partial(_limit_descriptors, nofile),
             )
         child = Child(name, process, log_path)
         self.children.append(child)
@@ -212,6 +219,11 @@ class ProcessGroup:
                 f"{child.name} printed {line.strip()[:200]!r} instead of its listening line"
             )
         return announced
+
+
+def _limit_descriptors(count: int) -> None:
+    """In the child before exec: at most `count` open descriptors."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def _quote_log(child: Child) -> str:
@@ -294,6 +306,56 @@ async def start_twin(
 
 
 @dataclass(frozen=True, slots=True)
+class NodeAgent:
+    """A running `throttllem node` and its socket."""
+
+    child: Child
+    socket: Path
+
+    def sidecar_settings(self) -> dict[str, str]:
+        """What a sidecar (`SidecarSpec.settings`) needs to steer its GPU through this agent."""
+        return {"ACTUATOR": "node", "NODE_SOCKET": str(self.socket)}
+
+
+async def start_node_agent(
+    group: ProcessGroup,
+    gpu_urls: Sequence[str],
+    socket_path: Path,
+    *,
+    name: str = "node",
+    lease_ttl_s: float = 1.0,
+    timeout_s: float = START_TIMEOUT_S,
+) -> NodeAgent:
+    """`throttllem node` steering twin GPUs (one per URL), no pod check; ready once its socket is."""
+    socket_path.unlink(missing_ok=True)
+    env = child_env(
+        {
+            "THROTTLLEM_NODE_SOCKET": str(socket_path),
+            "THROTTLLEM_NODE_GPU_BACKEND": "twin",
+            "THROTTLLEM_NODE_TWIN_URLS": ",".join(gpu_urls),
+            "THROTTLLEM_NODE_POD_CHECK": "none",
+            "THROTTLLEM_NODE_LEASE_TTL_S": repr(lease_ttl_s),
+        },
+        inherit_otel=False,
+    )
+    child = await group.start(name, ["node"], env=env, announces=False)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    while not socket_path.exists():
+        if not child.running:
+            raise ProcessStartError(
+                f"{name} exited with code {await child.wait()} on start; {_quote_log(child)}"
+            )
+        if loop.time() - began > timeout_s:
+            await child.stop()
+            raise ProcessStartError(
+                f"{name} did not open {socket_path} within {timeout_s:g} s; {_quote_log(child)}"
+            )
+        await asyncio.sleep(0.02)
+    return NodeAgent(child, socket_path)
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarSpec:
     """How to run `throttllem run` next to a twin (everything else: the sidecar's defaults)."""
 
@@ -306,6 +368,7 @@ class SidecarSpec:
     settings: Mapping[str, str] = field(default_factory=dict)  # more THROTTLLEM_<KEY> values, by key
     inherit_otel: bool = True  # pass this environment's OTEL_* variables on
     env: Mapping[str, str] = field(default_factory=dict)  # other variables, verbatim (e.g. OTEL_*)
+    nofile: int | None = None  # RLIMIT_NOFILE of the sidecar; None: inherited
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +423,7 @@ async def start_sidecar(
                 name if attempt == 1 else f"{name}-{attempt}",
                 ["run"],
                 env=sidecar_env(spec, twin, setup, gateway_port),
+                nofile=spec.nofile,
             )
         except ProcessStartError as exc:
             if attempt == PORT_ATTEMPTS or "address already in use" not in str(exc).lower():

@@ -14,6 +14,7 @@ from agent.cli.common import (
     flatten,
     print_figures,
     print_json,
+    print_table,
     progress_bar,
     setup_from_args,
 )
@@ -111,8 +112,41 @@ def cmd_bench_sidecar(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_faults(args: argparse.Namespace) -> int:
+    """Break a twin + sidecar (+ node agent) stack on purpose and judge each fault."""
+    from agent.bench.faults.stack import StackConfig
+    from agent.bench.faults.suite import COLUMNS, SuiteConfig, planned_runs, run_suite, table_rows
+    from agent.bench.processes import cancel_on_sigterm
+
+    config = SuiteConfig(
+        StackConfig(setup_from_args(args), args.logs, args.models_dir),
+        faults=args.fault or SuiteConfig.faults,
+        node_agent=args.node_agent != "without",
+        without_node_agent=args.node_agent != "with",
+    )
+    try:
+        planned_runs(config)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        with progress_bar("bench faults", not args.json) as progress:
+            results = asyncio.run(cancel_on_sigterm(run_suite(config, progress)))
+    except asyncio.CancelledError:
+        raise CliError("terminated: every process the suite started was stopped") from None
+    if args.json:
+        print_json({"faults": [result.as_json() for result in results]})
+    else:
+        print_table("faults", COLUMNS, table_rows(results))
+    missed = [
+        f"{r.fault} ({'with' if r.node_agent else 'without'} node agent)" for r in results if not r.held
+    ]
+    if missed:
+        raise CliError(f"{len(missed)} of {len(results)} faults missed a target: {'; '.join(missed)}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
-    """Add `bench sim`, `bench predictor`, `bench decide` and `bench sidecar`."""
+    """Add `bench sim`, `bench predictor`, `bench decide`, `bench sidecar` and `bench faults`."""
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bench_sim = bench_sub.add_parser("sim", help="simulator speed on a whole trace at stock clocks")
@@ -165,3 +199,34 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
     sidecar.add_argument("--json", action="store_true")
     sidecar.set_defaults(func=cmd_bench_sidecar)
+
+    from agent.bench.faults.scenarios import FAULTS  # the names only; the suite loads on use
+
+    faults = bench_sub.add_parser(
+        "faults",
+        help="inject faults into a twin + sidecar (+ node agent) stack and judge each (real processes)",
+        description="Kills, freezes and floods real processes on loopback: the sidecar (SIGTERM, SIGKILL, "
+        "OOM-like kill, SIGSTOP; with and without the node agent), the engine, the GPU endpoint, the "
+        "metrics page, and the gateway (slowloris, 8 x 60 MB bodies, 1,000 streams, client hang-ups, "
+        "forbidden paths). Prints one row per fault; exits 1 when any misses a target. About four minutes.",
+    )
+    add_setup_args(faults)
+    faults.add_argument(
+        "--fault",
+        action="append",
+        choices=tuple(FAULTS),
+        metavar="NAME",
+        help=f"run only this fault (repeatable): {', '.join(FAULTS)}",
+    )
+    faults.add_argument(
+        "--node-agent",
+        choices=("both", "with", "without"),
+        default="both",
+        help="run the sidecar faults with the node agent, without it, or both (default %(default)s)",
+    )
+    faults.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    faults.add_argument(
+        "--logs", type=Path, default=Path("bench-faults-logs"), help="process logs (default %(default)s)"
+    )
+    faults.add_argument("--json", action="store_true")
+    faults.set_defaults(func=cmd_bench_faults)
