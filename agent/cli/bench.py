@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.bench.decide import benchmark_decide
 from agent.cli.common import (
@@ -27,6 +28,9 @@ from agent.sim.loop import simulate
 from agent.sim.policies import policy_context
 from agent.slo_presets import control_targets, load_slo_preset
 from agent.workloads import load_trace
+
+if TYPE_CHECKING:
+    from agent.bench.faults.suite import SuiteConfig
 
 
 def cmd_bench_sim(args: argparse.Namespace) -> int:
@@ -112,18 +116,26 @@ def cmd_bench_sidecar(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_faults(args: argparse.Namespace) -> int:
-    """Break a twin + sidecar (+ node agent) stack on purpose and judge each fault."""
+def faults_config(args: argparse.Namespace) -> SuiteConfig:
+    """The suite `bench faults` runs for these arguments."""
+    from agent.bench.faults.scenarios import FAULTS
     from agent.bench.faults.stack import StackConfig
-    from agent.bench.faults.suite import COLUMNS, SuiteConfig, planned_runs, run_suite, table_rows
-    from agent.bench.processes import cancel_on_sigterm
+    from agent.bench.faults.suite import SuiteConfig
 
-    config = SuiteConfig(
+    return SuiteConfig(
         StackConfig(setup_from_args(args), args.logs, args.models_dir),
-        faults=args.fault or SuiteConfig.faults,
+        faults=tuple(args.fault or FAULTS),
         node_agent=args.node_agent != "without",
         without_node_agent=args.node_agent != "with",
     )
+
+
+def cmd_bench_faults(args: argparse.Namespace) -> int:
+    """Break a twin + sidecar (+ node agent) stack on purpose and judge each fault."""
+    from agent.bench.faults.suite import COLUMNS, planned_runs, run_suite, table_rows
+    from agent.bench.processes import cancel_on_sigterm
+
+    config = faults_config(args)
     try:
         planned_runs(config)
     except ValueError as exc:

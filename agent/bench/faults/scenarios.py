@@ -110,7 +110,9 @@ def clock_label(locked: int | str | None) -> str:
 
 
 async def _locked_sidecar(stack: Stack, node_agent: bool) -> None:
-    """A sidecar that holds its lock (the fault must have something to undo)."""
+    """A sidecar (and its node agent) holding its lock: the fault must have something to undo."""
+    if node_agent:
+        await stack.start_agent()
     await stack.start_sidecar(node_agent)
     if await stack.wait_locked(stack.config.clock_mhz) is None:
         raise RuntimeError(f"the sidecar never locked {stack.config.clock_mhz} MHz")
@@ -128,8 +130,6 @@ async def _background(stack: Stack, duration_s: float) -> asyncio.Task[Tally]:
 async def sidecar_signal(stack: Stack, node_agent: bool, sig: signal.Signals, name: str) -> FaultResult:
     """SIGTERM or SIGKILL the sidecar with requests in flight and arriving."""
     result = FaultResult(name, node_agent)
-    if node_agent:
-        await stack.start_agent()
     await _locked_sidecar(stack, node_agent)
     sidecar = stack.live_sidecar
     gateway = sidecar.gateway_url
@@ -170,8 +170,6 @@ async def sidecar_oom_kill(stack: Stack, node_agent: bool) -> FaultResult:
 async def sidecar_freeze(stack: Stack, node_agent: bool) -> FaultResult:
     """SIGSTOP the sidecar (a frozen process holds its lock and its socket), then SIGCONT."""
     result = FaultResult("sidecar SIGSTOP", node_agent)
-    if node_agent:
-        await stack.start_agent()
     await _locked_sidecar(stack, node_agent)
     child = stack.live_sidecar.child
     began = time.monotonic()
@@ -198,14 +196,44 @@ async def sidecar_freeze(stack: Stack, node_agent: bool) -> FaultResult:
     return result
 
 
+async def agent_stop(stack: Stack, node_agent: bool, sig: signal.Signals) -> FaultResult:
+    """The node agent stops (SIGTERM: an upgrade; SIGKILL: a crash) and a new one starts on its socket."""
+    result = FaultResult(f"node agent {sig.name}", node_agent)
+    await _locked_sidecar(stack, True)
+    agent = stack.agent
+    assert agent is not None
+    traffic = await _background(stack, 4.0)
+    began = time.monotonic()
+    agent.child.process.send_signal(sig)
+    result.stock_after_s = await stack.wait_stock(OBSERVE_AFTER_S)
+    await asyncio.sleep(max(0.0, OBSERVE_AFTER_S - (time.monotonic() - began)))
+    result.clock_2s = clock_label(await stack.locked_mhz())
+    await agent.child.wait(10.0)
+    restarted = time.monotonic()
+    await stack.start_agent(agent.socket)
+    relocked = await stack.wait_locked(stack.config.clock_mhz, 15.0)
+    result.recovery_s = None if relocked is None else time.monotonic() - restarted
+    result.traffic = await traffic
+    result.targets = {
+        "steers again with the new agent": relocked is not None,
+        "no request lost": not result.traffic.lost,
+        "sidecar still running": stack.live_sidecar.child.running,
+    }
+    if sig is signal.SIGTERM:
+        result.targets["stock within 2 s"] = result.clock_2s == "stock"
+        result.note = "an agent that exits resets the GPUs it leased"
+    else:
+        result.targets["the new agent resets at start"] = stack.reset_requested_after(restarted) is not None
+        result.note = "a killed agent resets nothing: its successor resets every GPU when it starts"
+    return result
+
+
 # -- the engine and what the sidecar reads or steers ------------------------------------------------
 
 
 async def engine_kill_restart(stack: Stack, node_agent: bool) -> FaultResult:
     """SIGKILL the engine (here the twin, which is also the GPU), start it again on its ports."""
     result = FaultResult("engine kill + restart", node_agent)
-    if node_agent:
-        await stack.start_agent()
     await _locked_sidecar(stack, node_agent)
     stack.twin.child.kill()
     await stack.twin.child.wait()
@@ -228,8 +256,6 @@ async def engine_kill_restart(stack: Stack, node_agent: bool) -> FaultResult:
 async def engine_freeze(stack: Stack, node_agent: bool) -> FaultResult:
     """SIGSTOP the engine: its metrics poll hangs; stock must be asked for within the stale bound."""
     result = FaultResult("engine SIGSTOP", node_agent)
-    if node_agent:
-        await stack.start_agent()
     await _locked_sidecar(stack, node_agent)
     traffic = await _background(stack, FAULT_S)
     await asyncio.sleep(0.5)
@@ -260,8 +286,6 @@ async def engine_freeze(stack: Stack, node_agent: bool) -> FaultResult:
 async def gpu_endpoint(stack: Stack, node_agent: bool, mode: Mode) -> FaultResult:
     """The GPU endpoint (NVML's stand-in) hangs or fails for a while; service must go on."""
     result = FaultResult(f"GPU endpoint {mode.value}", node_agent)
-    if node_agent:
-        await stack.start_agent()
     await _locked_sidecar(stack, node_agent)
     traffic = await _background(stack, FAULT_S + 1.0)
     stack.gpu_proxy.mode = mode
@@ -283,8 +307,6 @@ async def gpu_endpoint(stack: Stack, node_agent: bool, mode: Mode) -> FaultResul
 async def metrics_page(stack: Stack, node_agent: bool, mode: Mode) -> FaultResult:
     """The engine's metrics page turns to garbage or to hundreds of MB: stock clocks, bounded memory."""
     result = FaultResult(f"metrics page {mode.value}", node_agent)
-    if node_agent:
-        await stack.start_agent()
     await _locked_sidecar(stack, node_agent)
     traffic = await _background(stack, FAULT_S + 1.0)
     async with RssPeak(stack.live_sidecar.child.pid) as rss:
@@ -515,6 +537,13 @@ def _signal(sig: signal.Signals, name: str) -> Fault:
     return fault
 
 
+def _agent(sig: signal.Signals) -> Fault:
+    async def fault(stack: Stack, node_agent: bool) -> FaultResult:
+        return await agent_stop(stack, node_agent, sig)
+
+    return fault
+
+
 def _mode(run: Callable[[Stack, bool, Mode], Awaitable[FaultResult]], mode: Mode) -> Fault:
     async def fault(stack: Stack, node_agent: bool) -> FaultResult:
         return await run(stack, node_agent, mode)
@@ -522,21 +551,24 @@ def _mode(run: Callable[[Stack, bool, Mode], Awaitable[FaultResult]], mode: Mode
     return fault
 
 
-# name -> (the fault, whether it is run with the node agent too)
-FAULTS: dict[str, tuple[Fault, bool]] = {
-    "sidecar-sigterm": (_signal(signal.SIGTERM, "sidecar SIGTERM"), True),
-    "sidecar-sigkill": (_signal(signal.SIGKILL, "sidecar SIGKILL"), True),
-    "sidecar-oom-kill": (sidecar_oom_kill, True),
-    "sidecar-sigstop": (sidecar_freeze, True),
-    "engine-kill-restart": (engine_kill_restart, False),
-    "engine-sigstop": (engine_freeze, False),
-    "gpu-endpoint-hang": (_mode(gpu_endpoint, Mode.HANG), True),
-    "gpu-endpoint-error": (_mode(gpu_endpoint, Mode.ERROR), True),
-    "metrics-malformed": (_mode(metrics_page, Mode.GARBAGE), False),
-    "metrics-huge": (_mode(metrics_page, Mode.HUGE), False),
-    "slowloris": (slowloris, False),
-    "body-flood": (body_flood, False),
-    "streams-1000": (many_streams, False),
-    "client-disconnects": (client_disconnects, False),
-    "forbidden-paths": (forbidden_paths, False),
+BOTH, ALONE, AGENT = (False, True), (False,), (True,)  # without and with the node agent, or one
+# name -> (the fault, the ways it runs: without the node agent, with it)
+FAULTS: dict[str, tuple[Fault, tuple[bool, ...]]] = {
+    "sidecar-sigterm": (_signal(signal.SIGTERM, "sidecar SIGTERM"), BOTH),
+    "sidecar-sigkill": (_signal(signal.SIGKILL, "sidecar SIGKILL"), BOTH),
+    "sidecar-oom-kill": (sidecar_oom_kill, BOTH),
+    "sidecar-sigstop": (sidecar_freeze, BOTH),
+    "agent-sigterm": (_agent(signal.SIGTERM), AGENT),
+    "agent-sigkill": (_agent(signal.SIGKILL), AGENT),
+    "engine-kill-restart": (engine_kill_restart, ALONE),
+    "engine-sigstop": (engine_freeze, ALONE),
+    "gpu-endpoint-hang": (_mode(gpu_endpoint, Mode.HANG), BOTH),
+    "gpu-endpoint-error": (_mode(gpu_endpoint, Mode.ERROR), BOTH),
+    "metrics-malformed": (_mode(metrics_page, Mode.GARBAGE), ALONE),
+    "metrics-huge": (_mode(metrics_page, Mode.HUGE), ALONE),
+    "slowloris": (slowloris, ALONE),
+    "body-flood": (body_flood, ALONE),
+    "streams-1000": (many_streams, ALONE),
+    "client-disconnects": (client_disconnects, ALONE),
+    "forbidden-paths": (forbidden_paths, ALONE),
 }

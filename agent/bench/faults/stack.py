@@ -182,10 +182,20 @@ class Stack:
 
     # -- the node agent -----------------------------------------------------------------------
 
-    async def start_agent(self) -> NodeAgent:
-        """`throttllem node` with the twin backend (the GPU proxy), no pod check."""
-        socket_path = self.socket_dir / f"node-{len(self.group.children)}.sock"
-        agent = await start_node_agent(self.group, [self.gpu_proxy.url], socket_path, lease_ttl_s=LEASE_TTL_S)
+    async def start_agent(self, socket_path: Path | None = None) -> NodeAgent:
+        """`throttllem node` with the twin backend (the GPU proxy), no pod check.
+
+        `socket_path`: where a restarted agent listens, its predecessor's, where the sidecar looks.
+        """
+        if socket_path is None:
+            socket_path = self.socket_dir / f"node-{len(self.group.children)}.sock"
+        agent = await start_node_agent(
+            self.group,
+            [self.gpu_proxy.url],
+            socket_path,
+            name=f"node-{len(self.group.children)}",
+            lease_ttl_s=LEASE_TTL_S,
+        )
         self.agent = agent
         return agent
 

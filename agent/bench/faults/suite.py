@@ -35,13 +35,14 @@ def planned_runs(config: SuiteConfig) -> list[tuple[str, bool]]:
     unknown = [name for name in config.faults if name not in FAULTS]
     if unknown:
         raise ValueError(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+    wanted = {False: config.without_node_agent, True: config.node_agent}
     runs = []
     for name in config.faults:
-        _, has_agent_variant = FAULTS[name]
-        if config.without_node_agent or not has_agent_variant:
-            runs.append((name, False))
-        if config.node_agent and has_agent_variant:
-            runs.append((name, True))
+        _, variants = FAULTS[name]
+        if len(variants) == 1:  # a fault that exists one way only runs that way
+            runs.append((name, variants[0]))
+        else:
+            runs += [(name, agent) for agent in variants if wanted[agent]]
     return runs
 
 
