@@ -18,8 +18,8 @@ from agent.domain import GpuSpec
 from agent.sim.capacity import rate_scale_for_load
 from agent.twin.memory import EngineConfig, SchedulerPolicy
 from agent.twin.setup import TwinSetup
-from agent.workloads import Workload, load_trace, synthetic_from_spec
-from agent.workloads.synthetic import SYNTHETIC_SPEC_HELP
+from agent.workloads import Workload
+from agent.workloads.compose import WORKLOAD_SPEC_HELP, WorkloadSpecError, workload_from_spec
 
 DEFAULT_ENGINE = EngineConfig()
 SYNTHETIC_DEFAULT_S = 600.0  # length of a synthetic workload when --duration is not given
@@ -130,7 +130,7 @@ def add_workload_args(parser: argparse.ArgumentParser, default_duration: float |
     parser.add_argument(
         "--trace",
         default="azure-conv",
-        help=f"azure-conv | azure-code | path to an Azure or BurstGPT CSV | {SYNTHETIC_SPEC_HELP}",
+        help=WORKLOAD_SPEC_HELP,
     )
     parser.add_argument("--start", type=float, default=0.0, help="window start, seconds into the trace")
     parser.add_argument("--duration", type=float, default=default_duration, help="window length in seconds")
@@ -148,11 +148,11 @@ def add_workload_args(parser: argparse.ArgumentParser, default_duration: float |
 
 def workload_from_args(args: argparse.Namespace, setup: TwinSetup) -> Workload:
     """The workload the flags describe."""
-    if args.trace.startswith("synthetic:"):
-        duration = args.duration if args.duration is not None else SYNTHETIC_DEFAULT_S
-        workload = synthetic_from_spec(args.trace, seed=args.seed, duration_s=args.start + duration)
-    else:
-        workload = load_trace(args.trace)
+    duration = args.duration if args.duration is not None else SYNTHETIC_DEFAULT_S
+    try:
+        workload = workload_from_spec(args.trace, seed=args.seed, synthetic_duration_s=args.start + duration)
+    except WorkloadSpecError as exc:
+        raise CliError(str(exc)) from None
     if args.start or args.duration is not None:
         duration = args.duration if args.duration is not None else workload.duration_s - args.start
         workload = workload.window(args.start, duration)
