@@ -96,7 +96,7 @@ def _translate(err: pynvml.NVMLError, action: str, device: str, lookup: bool) ->
     return GpuControlError(what)
 
 
-class _NvmlDevice:
+class NvmlDevice:
     """One NVML session bound to one GPU; every call goes through `call`, on one worker thread."""
 
     def __init__(self, executor: ThreadPoolExecutor, handle: Any, uuid: str, timeout_s: float) -> None:
@@ -107,7 +107,7 @@ class _NvmlDevice:
         self._closed = False
 
     @classmethod
-    async def open(cls, uuid: str | None, index: int | None, timeout_s: float) -> _NvmlDevice:
+    async def open(cls, uuid: str | None, index: int | None, timeout_s: float) -> NvmlDevice:
         """Initialise NVML and find the GPU by UUID (preferred: stable) or NVML index."""
         if (uuid is None) == (index is None):
             raise ValueError("select the GPU by exactly one of uuid (preferred) or index")
@@ -176,7 +176,7 @@ async def _shutdown(executor: ThreadPoolExecutor, timeout_s: float) -> None:
     executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _supported_clocks_mhz(device: _NvmlDevice) -> tuple[int, ...]:
+async def read_supported_clocks_mhz(device: NvmlDevice) -> tuple[int, ...]:
     """SM clocks at the highest memory clock (the one an inference server runs at), highest first."""
     mem_clocks = await device.call(
         "list memory clocks", pynvml.nvmlDeviceGetSupportedMemoryClocks, device.handle
@@ -196,7 +196,7 @@ class NvmlActuator:
 
     actuates = True
 
-    def __init__(self, device: _NvmlDevice, clocks_mhz: tuple[int, ...]) -> None:
+    def __init__(self, device: NvmlDevice, clocks_mhz: tuple[int, ...]) -> None:
         self._device = device
         self._clocks_mhz = clocks_mhz  # fixed for a device: read once at open
         self._locked_mhz: int | None = None  # the lock this actuator set, None when reset
@@ -207,9 +207,9 @@ class NvmlActuator:
         cls, *, uuid: str | None = None, index: int | None = None, timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     ) -> NvmlActuator:
         """Open the GPU and read its supported clocks; does not touch the current lock."""
-        device = await _NvmlDevice.open(uuid, index, timeout_s)
+        device = await NvmlDevice.open(uuid, index, timeout_s)
         try:
-            clocks = await _supported_clocks_mhz(device)
+            clocks = await read_supported_clocks_mhz(device)
         except BaseException:
             await device.close()
             raise
@@ -269,7 +269,7 @@ class NvmlActuator:
 class NvmlMeter:
     """Energy from nvmlDeviceGetTotalEnergyConsumption (mJ since driver load; Volta+)."""
 
-    def __init__(self, device: _NvmlDevice, accumulator: EnergyAccumulator) -> None:
+    def __init__(self, device: NvmlDevice, accumulator: EnergyAccumulator) -> None:
         self._device = device
         self._energy = accumulator
 
@@ -278,7 +278,7 @@ class NvmlMeter:
         cls, *, uuid: str | None = None, index: int | None = None, timeout_s: float = DEFAULT_CALL_TIMEOUT_S
     ) -> NvmlMeter:
         """Open the GPU and take the first energy reading: energy is counted from here."""
-        device = await _NvmlDevice.open(uuid, index, timeout_s)
+        device = await NvmlDevice.open(uuid, index, timeout_s)
         meter = cls(device, EnergyAccumulator(f"nvml:{device.uuid}"))
         try:
             await meter.energy_j()

@@ -15,7 +15,7 @@ from typing import Protocol
 import pynvml
 
 from agent.gpus.base import Actuator, GpuControlError, NotSupportedError
-from agent.gpus.nvml import DEFAULT_CALL_TIMEOUT_S, NvmlActuator, _NvmlDevice, _supported_clocks_mhz
+from agent.gpus.nvml import DEFAULT_CALL_TIMEOUT_S, NvmlActuator, NvmlDevice, read_supported_clocks_mhz
 from agent.gpus.twin import TwinActuator, TwinGpuClient
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class NodeGpu(Protocol):
 class NvmlGpu:
     """A GPU through NVML; clocks through NvmlActuator, sharing its NVML session and worker thread."""
 
-    def __init__(self, device: _NvmlDevice, actuator: NvmlActuator, product: str, mig: bool) -> None:
+    def __init__(self, device: NvmlDevice, actuator: NvmlActuator, product: str, mig: bool) -> None:
         self._device = device
         self.uuid = device.uuid
         self.actuator = actuator
@@ -59,9 +59,9 @@ class NvmlGpu:
     @classmethod
     async def open(cls, index: int, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> NvmlGpu:
         """Open the GPU with NVML index `index`: its clocks, name and MIG mode."""
-        device = await _NvmlDevice.open(None, index, timeout_s)
+        device = await NvmlDevice.open(None, index, timeout_s)
         try:
-            clocks = await _supported_clocks_mhz(device)
+            clocks = await read_supported_clocks_mhz(device)
             product = await device.call("read the name", pynvml.nvmlDeviceGetName, device.handle)
             mig = await _mig_enabled(device)
         except BaseException:
@@ -111,7 +111,7 @@ class NvmlGpu:
         await self._device.close()
 
 
-async def _mig_enabled(device: _NvmlDevice) -> bool:
+async def _mig_enabled(device: NvmlDevice) -> bool:
     """MIG mode now (not pending); a GPU without MIG support is not in MIG mode."""
     try:
         current, _pending = await device.call("read the MIG mode", pynvml.nvmlDeviceGetMigMode, device.handle)
