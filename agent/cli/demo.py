@@ -314,9 +314,11 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     """Add `demo`."""
     demo = sub.add_parser(
         "demo",
-        help="live: twin + sidecar + load generator as processes, watched, then compared with stock clocks",
-        description="Starts `twin serve` (real time), `run` (twin actuator and meter, gateway on) and "
-        "`load` through the gateway as separate processes on loopback, shows the clock, power, batch, "
+        help="live: twin + node agent + sidecar + load generator as processes, watched, then compared "
+        "with stock clocks",
+        description="Starts `twin serve` (real time), `node` (the twin's GPU as its backend), `run` "
+        "(steering through the node agent, twin meter, gateway on) and `load` through the gateway as "
+        "separate processes on loopback, shows the clock, power, batch, "
         "latency and energy as they happen, stops everything (checking the clock lock is released), "
         "and compares with stock clocks on the same requests (simulated unless --live-baseline). "
         "With --autoscale: a twin + sidecar pair per TP size behind a router, sized live by the "

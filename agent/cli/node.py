@@ -76,21 +76,12 @@ async def _serve(settings: NodeSettings) -> None:
 
 async def query_status(path: Path, timeout_s: float = 2.0) -> dict[str, Any]:
     """The running agent's leases and GPUs, as its `status` request answers them."""
-    from agent.gpus.node_agent import MAX_REPLY_BYTES
+    from agent.gpus.node_agent import NodeAgentTarget, agent_status
 
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(path, limit=MAX_REPLY_BYTES), timeout_s
-        )
-        try:
-            writer.write(b'{"op": "status"}\n')
-            answer = await asyncio.wait_for(reader.readline(), timeout_s)
-        finally:
-            writer.close()
-        reply = json.loads(answer)
-    except (OSError, TimeoutError, ValueError) as err:
-        raise CliError(f"no node agent answered on {path} ({err!r}): is `throttllem node` running?") from None
-    return dict(reply)
+        return await agent_status(NodeAgentTarget(path, timeout_s=timeout_s))
+    except GpuControlError as err:
+        raise CliError(f"no node agent answered on {path} ({err}): is `throttllem node` running?") from None
 
 
 def _variables() -> str:

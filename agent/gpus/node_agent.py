@@ -73,13 +73,15 @@ class NodeAgentReplyError(GpuControlError):
     """The agent answered something outside the protocol."""
 
 
-_ERRORS: dict[str, type[GpuControlError]] = {
-    "refused": LeaseRefusedError,
-    "not_supported": NotSupportedError,
-    "not_found": GpuNotFoundError,
-    "transient": TransientGpuError,
-    "gpu_lost": GpuLostError,
-}
+# The GPU errors a reply's `kind` carries across the socket, both ways: the agent names the
+# error it caught, the sidecar raises the same class again (subclasses before their bases).
+GPU_ERROR_KINDS: tuple[tuple[str, type[GpuControlError]], ...] = (
+    ("not_supported", NotSupportedError),
+    ("not_found", GpuNotFoundError),
+    ("transient", TransientGpuError),
+    ("gpu_lost", GpuLostError),
+)
+_ERRORS: dict[str, type[GpuControlError]] = {"refused": LeaseRefusedError, **dict(GPU_ERROR_KINDS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,15 @@ class _Connection:
 
     def close(self) -> None:
         self._writer.close()
+
+
+async def agent_status(target: NodeAgentTarget) -> dict[str, Any]:
+    """The agent's `status` reply (its GPUs and leases): asked without a hello, holding no lease."""
+    connection = await _Connection.open(target)
+    try:
+        return await connection.request("status")
+    finally:
+        connection.close()
 
 
 class NodeAgentActuator:

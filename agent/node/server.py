@@ -35,15 +35,13 @@ from typing import Any
 
 from agent.gpus.base import (
     GpuControlError,
-    GpuLostError,
     GpuNotFoundError,
     NotSupportedError,
     PermissionDeniedError,
-    TransientGpuError,
     UnsupportedClockError,
     check_supported_clock,
 )
-from agent.gpus.node_agent import MAX_LINE_BYTES, PodIdentity
+from agent.gpus.node_agent import GPU_ERROR_KINDS, MAX_LINE_BYTES, PodIdentity
 from agent.node.authorize import Authorizer
 from agent.node.gpu_backends import NodeGpu, PowerLimitOutOfRange
 from agent.node.leases import Lease, LeaseRefused, LeaseTable
@@ -70,10 +68,7 @@ _ERROR_KINDS: tuple[tuple[type[Exception], str], ...] = (
     (ProtocolError, "bad_request"),
     (UnsupportedClockError, "unsupported_clock"),
     (PowerLimitOutOfRange, "bad_request"),
-    (NotSupportedError, "not_supported"),
-    (GpuNotFoundError, "not_found"),
-    (TransientGpuError, "transient"),
-    (GpuLostError, "gpu_lost"),
+    *((error, kind) for kind, error in GPU_ERROR_KINDS),
     (GpuControlError, "gpu_error"),
 )
 

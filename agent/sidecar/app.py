@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -248,14 +248,23 @@ async def listen(
     return await serve_on(app, sock, stack, **runner)
 
 
+async def start_sock_site(runner: web.AppRunner, sock: socket.socket) -> None:
+    """A plain site on a bound socket."""
+    await web.SockSite(runner, sock).start()
+
+
 async def serve_on(
-    app: web.Application, sock: socket.socket, stack: contextlib.AsyncExitStack, **runner: Any
+    app: web.Application,
+    sock: socket.socket,
+    stack: contextlib.AsyncExitStack,
+    start_site: Callable[[web.AppRunner, socket.socket], Awaitable[object]] = start_sock_site,
+    **runner: Any,
 ) -> int:
-    """Serve `app` on a socket already bound; returns its port."""
+    """Serve `app` on a socket already bound (through `start_site`); returns its port."""
     app_runner = web.AppRunner(app, **runner)
     await app_runner.setup()
     stack.push_async_callback(app_runner.cleanup)
-    await web.SockSite(app_runner, sock).start()
+    await start_site(app_runner, sock)
     return int(sock.getsockname()[1])
 
 
@@ -355,16 +364,15 @@ async def serve_gateway(app: web.Application, sock: socket.socket, stack: contex
     """Serve the gateway on its bound socket, through its connection budget; returns the port."""
     from agent.sidecar.gateway import GATEWAY_KEY, server_options, start_gateway_site
 
-    runner = web.AppRunner(
+    return await serve_on(
         app,
+        sock,
+        stack,
+        start_gateway_site,
         shutdown_timeout=GATEWAY_DRAIN_S,
         access_log=None,  # one span per request is the record; a log line each is noise at load
         **server_options(app[GATEWAY_KEY].limits),
     )
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await start_gateway_site(runner, sock)
-    return int(sock.getsockname()[1])
 
 
 async def drain_gateway(app: web.Application) -> None:

@@ -51,13 +51,12 @@ def stale_reason(now_s: float, times: TelemetryTimes, bound_s: float) -> str | N
     age = now_s - times.last_ok_s
     if age > bound_s:
         return f"engine metrics unreadable for {age:.1f} s (bound {bound_s:g} s)"
-    if times.busy_since_s is not None:
-        since = times.busy_since_s if times.last_new_s is None else max(times.last_new_s, times.busy_since_s)
-        if now_s - since > bound_s:
-            return (
-                f"no new engine iteration for {now_s - since:.1f} s while requests are in flight "
-                f"(bound {bound_s:g} s)"
-            )
+    since = _busy_progress_s(times)
+    if since is not None and now_s - since > bound_s:
+        return (
+            f"no new engine iteration for {now_s - since:.1f} s while requests are in flight "
+            f"(bound {bound_s:g} s)"
+        )
     return None
 
 
@@ -66,10 +65,15 @@ def stale_at_s(times: TelemetryTimes, bound_s: float) -> float | None:
     if times.last_ok_s is None:
         return None
     at = times.last_ok_s + bound_s
-    if times.busy_since_s is not None:
-        since = times.busy_since_s if times.last_new_s is None else max(times.last_new_s, times.busy_since_s)
-        at = min(at, since + bound_s)
-    return at
+    since = _busy_progress_s(times)
+    return at if since is None else min(at, since + bound_s)
+
+
+def _busy_progress_s(times: TelemetryTimes) -> float | None:
+    """Since when a busy engine has shown no new iteration (its last, or the busy spell's start)."""
+    if times.busy_since_s is None:
+        return None
+    return times.busy_since_s if times.last_new_s is None else max(times.last_new_s, times.busy_since_s)
 
 
 def stock_deadline_s(times: TelemetryTimes, bound_s: float, poll_interval_s: float) -> float | None:

@@ -38,11 +38,11 @@ def test_the_clock_stays_inside_the_calibrated_range_and_below_the_max():
 
 
 def test_a_row_is_held_only_when_every_target_is_met_and_says_which_missed():
-    met = FaultResult("a", False, targets={"x": True})
+    met = FaultResult(False, "a", targets={"x": True})
     missed = FaultResult(
-        "b", True, traffic=tally([("lost", 0), ("answered", 200)]), targets={"x": True, "y": False}
+        True, "b", traffic=tally([("lost", 0), ("answered", 200)]), targets={"x": True, "y": False}
     )
-    untargeted = FaultResult("c", False)
+    untargeted = FaultResult(False, "c")
     assert met.held and not missed.held and untargeted.held
     rows = table_rows([met, missed, untargeted])
     assert [row[-1] for row in rows] == ["yes", "NO: y", "n/a"]

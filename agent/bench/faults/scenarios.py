@@ -63,8 +63,8 @@ FORBIDDEN = (
 class FaultResult:
     """One fault's row of the table."""
 
-    fault: str
     node_agent: bool
+    fault: str = ""  # the name `--fault` takes; the suite sets it
     clock_2s: str = "-"  # "stock", "locked <MHz>", "unknown" (the twin could not say)
     stock_after_s: float | None = None  # fault to stock clocks (or to the reset request)
     traffic: Tally = field(default_factory=Tally)
@@ -127,9 +127,9 @@ async def _background(stack: Stack, duration_s: float) -> asyncio.Task[Tally]:
 # -- the sidecar dies or freezes ------------------------------------------------------------------
 
 
-async def sidecar_signal(stack: Stack, node_agent: bool, sig: signal.Signals, name: str) -> FaultResult:
+async def sidecar_signal(stack: Stack, node_agent: bool, sig: signal.Signals) -> FaultResult:
     """SIGTERM or SIGKILL the sidecar with requests in flight and arriving."""
-    result = FaultResult(name, node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, node_agent)
     sidecar = stack.live_sidecar
     gateway = sidecar.gateway_url
@@ -161,15 +161,18 @@ async def sidecar_signal(stack: Stack, node_agent: bool, sig: signal.Signals, na
 
 
 async def sidecar_oom_kill(stack: Stack, node_agent: bool) -> FaultResult:
-    """SIGKILL while bodies upload and streams run: what the kernel's OOM killer does to a pod."""
-    result = await sidecar_signal(stack, node_agent, signal.SIGKILL, "sidecar OOM kill")
+    """What the kernel's OOM killer sends: a SIGKILL with streams in flight.
+
+    The same injection as `sidecar-sigkill`; its own row because users ask about OOM kills by name.
+    """
+    result = await sidecar_signal(stack, node_agent, signal.SIGKILL)
     result.note = "SIGKILL under load, as the OOM killer sends it; " + result.note
     return result
 
 
 async def sidecar_freeze(stack: Stack, node_agent: bool) -> FaultResult:
     """SIGSTOP the sidecar (a frozen process holds its lock and its socket), then SIGCONT."""
-    result = FaultResult("sidecar SIGSTOP", node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, node_agent)
     child = stack.live_sidecar.child
     began = time.monotonic()
@@ -198,7 +201,7 @@ async def sidecar_freeze(stack: Stack, node_agent: bool) -> FaultResult:
 
 async def agent_stop(stack: Stack, node_agent: bool, sig: signal.Signals) -> FaultResult:
     """The node agent stops (SIGTERM: an upgrade; SIGKILL: a crash) and a new one starts on its socket."""
-    result = FaultResult(f"node agent {sig.name}", node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, True)
     agent = stack.agent
     assert agent is not None
@@ -233,7 +236,7 @@ async def agent_stop(stack: Stack, node_agent: bool, sig: signal.Signals) -> Fau
 
 async def engine_kill_restart(stack: Stack, node_agent: bool) -> FaultResult:
     """SIGKILL the engine (here the twin, which is also the GPU), start it again on its ports."""
-    result = FaultResult("engine kill + restart", node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, node_agent)
     stack.twin.child.kill()
     await stack.twin.child.wait()
@@ -255,7 +258,7 @@ async def engine_kill_restart(stack: Stack, node_agent: bool) -> FaultResult:
 
 async def engine_freeze(stack: Stack, node_agent: bool) -> FaultResult:
     """SIGSTOP the engine: its metrics poll hangs; stock must be asked for within the stale bound."""
-    result = FaultResult("engine SIGSTOP", node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, node_agent)
     traffic = await _background(stack, FAULT_S)
     await asyncio.sleep(0.5)
@@ -285,7 +288,7 @@ async def engine_freeze(stack: Stack, node_agent: bool) -> FaultResult:
 
 async def gpu_endpoint(stack: Stack, node_agent: bool, mode: Mode) -> FaultResult:
     """The GPU endpoint (NVML's stand-in) hangs or fails for a while; service must go on."""
-    result = FaultResult(f"GPU endpoint {mode.value}", node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, node_agent)
     traffic = await _background(stack, FAULT_S + 1.0)
     stack.gpu_proxy.mode = mode
@@ -306,7 +309,7 @@ async def gpu_endpoint(stack: Stack, node_agent: bool, mode: Mode) -> FaultResul
 
 async def metrics_page(stack: Stack, node_agent: bool, mode: Mode) -> FaultResult:
     """The engine's metrics page turns to garbage or to hundreds of MB: stock clocks, bounded memory."""
-    result = FaultResult(f"metrics page {mode.value}", node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, node_agent)
     traffic = await _background(stack, FAULT_S + 1.0)
     async with RssPeak(stack.live_sidecar.child.pid) as rss:
@@ -337,7 +340,7 @@ async def metrics_page(stack: Stack, node_agent: bool, mode: Mode) -> FaultResul
 
 async def slowloris(stack: Stack, node_agent: bool) -> FaultResult:
     """300 sockets trickling headers at a sidecar limited to 256 descriptors; /healthz must answer."""
-    result = FaultResult("slowloris", node_agent)
+    result = FaultResult(node_agent)
     await stack.start_sidecar(False, nofile=SLOWLORIS_NOFILE)
     sidecar = stack.live_sidecar
     gateway = sidecar.gateway_url
@@ -418,7 +421,7 @@ async def _worst_healthz(stack: Stack, duration_s: float) -> float | None:
 
 async def body_flood(stack: Stack, node_agent: bool) -> FaultResult:
     """Eight concurrent 60 MB generate_stream bodies, half with a length, half chunked."""
-    result = FaultResult(f"body flood ({FLOOD_BODIES} x 60 MB)", node_agent)
+    result = FaultResult(node_agent)
     await stack.start_sidecar(False)
     gateway = _gateway(stack)
     url = f"{gateway}/v2/models/ensemble/generate_stream"
@@ -455,7 +458,7 @@ async def body_flood(stack: Stack, node_agent: bool) -> FaultResult:
 
 async def many_streams(stack: Stack, node_agent: bool) -> FaultResult:
     """1,000 concurrent streams: each answered or refused with 429/503, none lost."""
-    result = FaultResult(f"{STREAMS} concurrent streams", node_agent)
+    result = FaultResult(node_agent)
     await stack.start_sidecar(False)
     async with RssPeak(stack.live_sidecar.child.pid) as rss:
         result.traffic = await streams(_gateway(stack), STREAMS, 8)
@@ -466,7 +469,7 @@ async def many_streams(stack: Stack, node_agent: bool) -> FaultResult:
 
 async def client_disconnects(stack: Stack, node_agent: bool) -> FaultResult:
     """Clients that hang up mid-request on every tracked route leave no ticket open."""
-    result = FaultResult("client disconnects", node_agent)
+    result = FaultResult(node_agent)
     await stack.start_sidecar(False)
     gateway = _gateway(stack)
     routes = ("generate", "generate_stream")
@@ -500,7 +503,7 @@ async def _hang_up(url: str, streamed: bool) -> None:
 
 async def forbidden_paths(stack: Stack, node_agent: bool) -> FaultResult:
     """Admin and GPU routes through the gateway: each refused, the GPU untouched."""
-    result = FaultResult("forbidden paths", node_agent)
+    result = FaultResult(node_agent)
     await _locked_sidecar(stack, False)
     gateway = _gateway(stack)
     verdicts = []
@@ -530,9 +533,9 @@ def _gateway(stack: Stack) -> str:
 Fault = Callable[[Stack, bool], Awaitable[FaultResult]]
 
 
-def _signal(sig: signal.Signals, name: str) -> Fault:
+def _signal(sig: signal.Signals) -> Fault:
     async def fault(stack: Stack, node_agent: bool) -> FaultResult:
-        return await sidecar_signal(stack, node_agent, sig, name)
+        return await sidecar_signal(stack, node_agent, sig)
 
     return fault
 
@@ -554,8 +557,8 @@ def _mode(run: Callable[[Stack, bool, Mode], Awaitable[FaultResult]], mode: Mode
 BOTH, ALONE, AGENT = (False, True), (False,), (True,)  # without and with the node agent, or one
 # name -> (the fault, the ways it runs: without the node agent, with it)
 FAULTS: dict[str, tuple[Fault, tuple[bool, ...]]] = {
-    "sidecar-sigterm": (_signal(signal.SIGTERM, "sidecar SIGTERM"), BOTH),
-    "sidecar-sigkill": (_signal(signal.SIGKILL, "sidecar SIGKILL"), BOTH),
+    "sidecar-sigterm": (_signal(signal.SIGTERM), BOTH),
+    "sidecar-sigkill": (_signal(signal.SIGKILL), BOTH),
     "sidecar-oom-kill": (sidecar_oom_kill, BOTH),
     "sidecar-sigstop": (sidecar_freeze, BOTH),
     "agent-sigterm": (_agent(signal.SIGTERM), AGENT),

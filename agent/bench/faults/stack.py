@@ -17,7 +17,7 @@ import contextlib
 import signal
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,19 +98,19 @@ class Stack:
 
     async def wait_locked(self, mhz: int, timeout_s: float = 20.0) -> float | None:
         """Seconds until the twin GPU is locked to `mhz`; None if it is not within `timeout_s`."""
-        return await self._wait(lambda locked: locked == mhz, timeout_s)
+
+        async def locked() -> bool:
+            return await self.locked_mhz() == mhz
+
+        return await seconds_until(locked, timeout_s)
 
     async def wait_stock(self, timeout_s: float) -> float | None:
         """Seconds until the twin GPU runs at stock clocks; None if not within `timeout_s`."""
-        return await self._wait(lambda locked: locked is None, timeout_s)
 
-    async def _wait(self, done: object, timeout_s: float) -> float | None:
-        began = time.monotonic()
-        while time.monotonic() - began <= timeout_s:
-            if done(await self.locked_mhz()):  # type: ignore[operator]
-                return time.monotonic() - began
-            await asyncio.sleep(POLL_S)
-        return None
+        async def stock() -> bool:
+            return await self.locked_mhz() is None
+
+        return await seconds_until(stock, timeout_s)
 
     def reset_requested_after(self, since_s: float) -> float | None:
         """Seconds from `since_s` to the first clock reset the GPU proxy received (None: none)."""
@@ -138,12 +138,7 @@ class Stack:
 
     async def wait_ready(self, timeout_s: float = 20.0) -> float | None:
         """Seconds until /readyz answers 200; None if not within `timeout_s`."""
-        began = time.monotonic()
-        while time.monotonic() - began <= timeout_s:
-            if await self.ready():
-                return time.monotonic() - began
-            await asyncio.sleep(POLL_S)
-        return None
+        return await seconds_until(self.ready, timeout_s)
 
     async def sidecar_gauge(self, name: str) -> float | None:
         """One unlabelled sample of the sidecar's /metrics page."""
@@ -234,6 +229,16 @@ class Stack:
             metrics_interval_ms=100.0,
         )
         return self.twin
+
+
+async def seconds_until(done: Callable[[], Awaitable[bool]], timeout_s: float) -> float | None:
+    """Seconds until `done()` is true, checked every POLL_S; None if not within `timeout_s`."""
+    began = time.monotonic()
+    while time.monotonic() - began <= timeout_s:
+        if await done():
+            return time.monotonic() - began
+        await asyncio.sleep(POLL_S)
+    return None
 
 
 @contextlib.asynccontextmanager

@@ -56,8 +56,8 @@ async def run_suite(config: SuiteConfig, progress: Progress = lambda _: None) ->
             try:
                 result = await asyncio.wait_for(fault(stack, node_agent), FAULT_TIMEOUT_S)
             except (TimeoutError, RuntimeError, ProcessStartError) as exc:
-                result = FaultResult(name, node_agent, targets={"fault ran": False}, note=_first_line(exc))
-            results.append(replace(result, fault=name))  # the name `--fault` takes
+                result = FaultResult(node_agent, targets={"fault ran": False}, note=_first_line(exc))
+            results.append(replace(result, fault=name))
             await stack.clear()
             progress((done + 1) / len(runs))
     return results
