@@ -234,12 +234,18 @@ class NodeAgentActuator:
         return int((await self._call("clock"))["clock_mhz"])
 
     async def close(self) -> None:
-        """Stop heartbeats and release the leases: the agent resets the GPUs."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        """Stop heartbeats and release the leases: the agent resets the GPUs.
+
+        The lock is taken first so a reconnect the heartbeat has under way finishes (and is
+        released here) rather than being cut off mid-acquire, which would leave the reset to the
+        agent's disconnect sweep instead of done by the time this returns.
+        """
         async with self._lock:
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._heartbeat
+                self._heartbeat = None
             if self._connection is None or self._connection.closed:
                 return
             try:

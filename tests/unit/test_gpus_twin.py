@@ -30,6 +30,7 @@ class FakeTwinGpu:
         self.requests: list[tuple[str, object]] = []
         self.floor_mhz = 210
         self.malformed = False
+        self.lock_reply_delay_s = 0.0  # a slow GPU endpoint: the lock lands, the answer is late
 
     def state(self) -> dict:
         self.energy_j += 2.5
@@ -57,6 +58,7 @@ class FakeTwinGpu:
         if body["min_mhz"] < self.floor_mhz:
             return web.json_response({"error": f"{body['min_mhz']} MHz is below the floor"}, status=400)
         self.locked = body["max_mhz"]
+        await asyncio.sleep(self.lock_reply_delay_s)
         return web.json_response(self.state())
 
     async def delete(self, request: web.Request) -> web.Response:

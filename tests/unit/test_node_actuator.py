@@ -144,6 +144,24 @@ def test_after_an_agent_restart_the_actuator_reacquires_and_restores_its_lock():
     assert locked is None
 
 
+def test_close_during_a_heartbeat_reconnect_releases_before_it_returns():
+    """Closing while the heartbeat is restoring the lock used to cut the reconnect off unreleased."""
+
+    async def scenario():
+        async with twins(1) as ((fake,), urls):
+            path = socket_path()
+            async with agent_on(urls, path, ttl_s=1.0):
+                actuator = await NodeAgentActuator.open(NodeAgentTarget(path))
+                await actuator.set_clock_mhz(600)
+            fake.lock_reply_delay_s = 0.3  # the restore's set_clock is in flight when close() comes
+            async with agent_on(urls, path, ttl_s=1.0):  # the delay stays inside the lease's TTL
+                await until(lambda: fake.locked == 600, timeout_s=3)
+                await actuator.close()
+                return fake.locked
+
+    assert run(scenario()) is None
+
+
 @pytest.mark.parametrize(
     ("kind", "error"),
     [
