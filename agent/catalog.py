@@ -8,6 +8,21 @@ Supported clocks: NVML lists A100 SXM4 SM clocks from 1410 MHz down in 15 MHz st
 210 MHz is commonly quoted but not verified; H100 SXM5 is assumed to use the same 15 MHz grid from
 1980 MHz down to the same assumed floor. Frequency behaviour is measured (Perseus) only from
 855 MHz up on the A100; below that the twin extrapolates (see `twin/frequency.py`).
+
+Power limit constraints (min; the max is the TDP), as `nvidia-smi -q -d POWER` prints
+nvmlDeviceGetPowerManagementLimitConstraints:
+- A100-SXM4-80GB: 100..400 W, "Min/Max Power Limit" of an NVIDIA A100-SXM4-80GB, driver
+  525.60.13 (huggingface/m4-logs@7a31dce, under `tr_141-hanging/`:
+  `tr_141_cm409xPMD01_scale_leap_of_faith_v5_num_workers_0-try3/README.md`).
+- A100-SXM4-40GB: 100..400 W, an `nvidia-smi -q` dump of eight NVIDIA A100-SXM4-40GB, driver
+  535.129.03, quoted in a public blog post whose repository the search index does not name; the
+  same board family as the 80 GB part, which agrees.
+- H100 SXM5: 200..700 W. NVIDIA's DGX user guides, "Managing Power Capping", show an HGX GPU's
+  Redfish `PowerLimitWatts` as AllowableMin 200, AllowableMax 700, DefaultSetPoint 700 (seen in
+  the DGX B200 manual's copy of the chapter; the DGX H100/H200 guide has the same chapter); NVIDIA
+  DPS's `dpsctl check metrics` example gives min_limit 200, max_limit 700 per GPU; and an
+  `nvidia-smi -pl` refusal on a 700 W board in stackhpc/ansible-slurm-appliance#975 reads "should
+  be between 200.00 W and 700.00 W". No source names the exact H100 SXM5 80GB part.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ GPUS: dict[str, GpuSpec] = {
             hbm_bandwidth_bytes_s=2.039e12,
             peak_bf16_flops=312e12,
             tdp_w=400.0,
+            min_power_limit_w=100.0,
             idle_w=80.0,
             calibrated_clock_floor_mhz=855,
         ),
@@ -47,6 +63,7 @@ GPUS: dict[str, GpuSpec] = {
             hbm_bandwidth_bytes_s=1.555e12,
             peak_bf16_flops=312e12,
             tdp_w=400.0,
+            min_power_limit_w=100.0,
             idle_w=80.0,
             calibrated_clock_floor_mhz=855,
         ),
@@ -58,6 +75,7 @@ GPUS: dict[str, GpuSpec] = {
             hbm_bandwidth_bytes_s=3.35e12,
             peak_bf16_flops=989e12,
             tdp_w=700.0,
+            min_power_limit_w=200.0,
             idle_w=121.7,
             # No public H100 clock sweep: the A100 response is reused on the normalised clock
             # f/f_max, so 855/1410 of 1980 MHz is the lowest point it is anchored to.

@@ -26,6 +26,7 @@ class GpuSpec:
     hbm_bandwidth_bytes_s: float  # datasheet peak HBM bandwidth
     peak_bf16_flops: float  # dense bf16 tensor-core peak at max SM clock
     tdp_w: float  # board power limit; compute-bound work at max clock draws about this
+    min_power_limit_w: float  # lowest board power limit NVML accepts (its max is tdp_w)
     idle_w: float  # idle with a CUDA context held (an inference server is always running)
     calibrated_clock_floor_mhz: int  # lowest clock the frequency data covers; below: extrapolated
 
@@ -128,3 +129,5 @@ class Decision:
 
     sm_clock_mhz: int | None  # clock to lock; None: leave the GPU at stock (unlocked) behaviour
     admit_request_ids: tuple[int, ...] = ()  # queued requests the engine may start now
+    # Board power limit per GPU, W; None: the default limit (TDP), as sm_clock_mhz=None is stock.
+    power_limit_w: float | None = None

@@ -6,9 +6,11 @@ entry of `POLICIES` says how its policy is written, whether the live sidecar can
 it is built from the engine's limits (live, known only once the engine reports them), whether it
 gates admission (live, that needs the gateway), and how it is built from a `PolicyContext`.
 
-The oracle decides with the twin's exact latency model, which the live sidecar must never
-import: only `agent.sim` puts one in the context (`PolicyContext.exact_time_model`), so the
-sidecar refuses the oracle by its registry entry, without the twin.
+`throttllem-exact` (throttllem with true output lengths and the twin's exact latency model, so
+what throttllem's own decisions reach when its inputs are perfect; not an optimum: see
+`agent.sim.hindsight`) needs that model, which the live sidecar must never import: only
+`agent.sim` puts one in the context (`PolicyContext.exact_time_model`), so the sidecar refuses
+it by its registry entry, without the twin.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import numpy as np
 from agent.catalog import DEFAULT_MIN_CLOCK_MHZ
 from agent.control.admission import EngineLimits
 from agent.control.frequency import PROBE_SMALL_TOKENS, IterationTimeModel
+from agent.control.peers.dynamollm import DynamoLlmPolicy, PowerProfile
+from agent.control.peers.ecofreq import CandidateList, EcoFreqPolicy
+from agent.control.peers.greenllm import GreenLlmPolicy
+from agent.control.peers.powercap import PowerCapPolicy
 from agent.control.policies import MaxPolicy, Policy, ReactivePolicy, StaticPolicy, ThrottllemPolicy
 from agent.control.slo import SloTargets
 from agent.domain import GpuSpec
@@ -35,6 +41,8 @@ LIVE_LENGTH_SPECS = ("learned", "max_tokens")
 IPS_CARD = "card.json"
 # An exact time model for these candidate clocks and engine limits (the twin's, from agent.sim).
 ExactTimeModel = Callable[[tuple[int, ...], EngineLimits], IterationTimeModel]
+# An offline energy profile for these candidate clocks and engine limits (the twin's, from agent.sim).
+PowerProfileSource = Callable[[tuple[int, ...], EngineLimits], PowerProfile]
 
 
 class OptimisticTimeModel:
@@ -94,6 +102,7 @@ class PolicyContext:
     seed: int = 0  # seeds the length predictors that draw (noisy)
     ips_optimism_pct: float = 0.0  # throttllem's IPS model this much too optimistic (guard experiment)
     exact_time_model: ExactTimeModel | None = None  # the twin's: only agent.sim supplies one
+    power_profile: PowerProfileSource | None = None  # the twin's: only agent.sim supplies one
     min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ  # no policy locks below this (e.g. the sourced range)
 
     def __post_init__(self) -> None:
@@ -239,6 +248,11 @@ def _check_throttllem(spec: PolicySpec, engine: ServedEngine) -> None:
             f"policy {str(spec)!r}: live requests have no true output length; use a length predictor "
             f"of {', '.join(LIVE_LENGTH_SPECS)} (e.g. throttllem:learned:conv)"
         )
+    _check_ips_model(spec, engine)
+
+
+def _check_ips_model(spec: PolicySpec, engine: ServedEngine) -> None:
+    """Refuse a policy that decides with an IPS model this engine has none of."""
     card = engine.ips_card()
     if not card.is_file():
         raise ValueError(
@@ -260,17 +274,80 @@ def _build_throttllem(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
     return BuiltPolicy(policy, lengths)
 
 
-ORACLE_LIVE_REFUSAL = "needs true output lengths: it runs only in simulate and replay"
+THROTTLLEM_EXACT = "throttllem-exact"
+EXACT_LIVE_REFUSAL = "needs true output lengths: it runs only in simulate and replay"
 
 
-def _build_oracle(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
-    """The throttllem policy with an exact time model and true lengths: the floor throttllem is held to."""
+def _build_throttllem_exact(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
+    """The throttllem policy with an exact time model and true lengths: its inputs made perfect."""
     if context.exact_time_model is None:
-        raise ValueError(f"policy {str(spec)!r} {ORACLE_LIVE_REFUSAL}")
+        raise ValueError(f"policy {str(spec)!r} {EXACT_LIVE_REFUSAL}")
     gpu = context.engine.gpu
     model = context.exact_time_model(context.clocks_mhz(), _limits(spec, context))
-    policy = ThrottllemPolicy(model, context.targets, gpu.max_clock_mhz, name="oracle", correct=False)
+    policy = ThrottllemPolicy(model, context.targets, gpu.max_clock_mhz, name=THROTTLLEM_EXACT, correct=False)
     return BuiltPolicy(policy, OraclePredictor())
+
+
+def _ecofreq_candidates(spec: PolicySpec) -> CandidateList:
+    """EcoFreq's own clock list (`voltana`, the default) or every clock (`full`)."""
+    if spec.arg in (None, "voltana"):
+        return "voltana"
+    if spec.arg == "full":
+        return "full"
+    raise ValueError(f"policy {str(spec)!r}: EcoFreq's candidate clocks are voltana or full")
+
+
+def _check_ecofreq(spec: PolicySpec, engine: ServedEngine) -> None:
+    _ecofreq_candidates(spec)
+    _check_ips_model(spec, engine)
+
+
+def _build_ecofreq(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
+    """VoltanaLLM's EcoFreq, its latency tables fitted to the learned IPS model."""
+    candidates = _ecofreq_candidates(spec)
+    limits, clocks = _limits(spec, context), context.clocks_mhz()
+    model = learned_time_model(context.engine, limits, clocks)
+    policy = EcoFreqPolicy(model, context.targets, clocks, limits=limits, candidates=candidates)
+    return BuiltPolicy(policy, None)
+
+
+def _build_greenllm(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
+    return BuiltPolicy(GreenLlmPolicy(context.targets, context.clocks_mhz()), None)
+
+
+def _power_limit_w(spec: PolicySpec, gpu: GpuSpec) -> float:
+    """The watts `powercap:<W>` sets, refused outside what NVML lets `gpu` take."""
+    try:
+        watts = float(spec.arg or "")
+    except ValueError:
+        raise ValueError(f"policy {str(spec)!r}: powercap needs watts per GPU, e.g. powercap:250") from None
+    if not (math.isfinite(watts) and gpu.min_power_limit_w <= watts <= gpu.tdp_w):
+        raise ValueError(
+            f"policy {str(spec)!r}: {spec.arg} W is outside {gpu.name}'s power limit range "
+            f"{gpu.min_power_limit_w:g}..{gpu.tdp_w:g} W"
+        )
+    return watts
+
+
+def _build_powercap(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
+    return BuiltPolicy(PowerCapPolicy(_power_limit_w(spec, context.engine.gpu)), None)
+
+
+POWERCAP_LIVE_REFUSAL = (
+    "sets a power limit, which the sidecar does not apply yet: it runs only in simulate and replay"
+)
+DYNAMOLLM_LIVE_REFUSAL = "needs an offline energy profile of the engine: it runs only in simulate and replay"
+
+
+def _build_dynamollm(spec: PolicySpec, context: PolicyContext) -> BuiltPolicy:
+    """DynamoLLM's instance-level rule, deciding with the learned IPS model and an energy profile."""
+    if context.power_profile is None:
+        raise ValueError(f"policy {str(spec)!r} {DYNAMOLLM_LIVE_REFUSAL}")
+    engine, limits = context.engine, _limits(spec, context)
+    time_model = learned_time_model(engine, limits, context.clocks_mhz())
+    power = context.power_profile(tuple(int(c) for c in time_model.clocks_mhz), limits)
+    lengths = parse_length_predictor(spec.arg or "learned", engine.models_dir, seed=context.seed)
+    return BuiltPolicy(DynamoLlmPolicy(time_model, power, context.targets, engine.gpu.max_clock_mhz), lengths)
 
 
 POLICIES: Mapping[str, PolicyEntry] = {
@@ -290,7 +367,32 @@ POLICIES: Mapping[str, PolicyEntry] = {
             check_live=_check_throttllem,
         ),
         PolicyEntry(
-            "oracle", _build_oracle, needs_limits=True, gates_admission=True, live_refusal=ORACLE_LIVE_REFUSAL
+            THROTTLLEM_EXACT,
+            _build_throttllem_exact,
+            needs_limits=True,
+            gates_admission=True,
+            live_refusal=EXACT_LIVE_REFUSAL,
+        ),
+        PolicyEntry(
+            "ecofreq",
+            _build_ecofreq,
+            argument="voltana|full",
+            argument_optional=True,
+            needs_limits=True,
+            needs_trained_models=True,
+            check_live=_check_ecofreq,
+        ),
+        PolicyEntry("greenllm", _build_greenllm),
+        PolicyEntry("powercap", _build_powercap, argument="W", live_refusal=POWERCAP_LIVE_REFUSAL),
+        PolicyEntry(
+            "dynamollm",
+            _build_dynamollm,
+            argument="length predictor",
+            argument_optional=True,
+            needs_limits=True,
+            needs_trained_models=True,
+            gates_admission=True,
+            live_refusal=DYNAMOLLM_LIVE_REFUSAL,
         ),
     )
 }

@@ -23,7 +23,7 @@ import numpy as np
 from agent.bench.demo_plan import DemoConfig, DemoWorkload, plan_workload, plot_title, title_of
 from agent.bench.live_run import LiveRun, LiveRunError, LiveRunSpec, LiveState, mean_busy_clock_mhz, run_live
 from agent.bench.replay import replay_slo, run_policy
-from agent.bench.report import RunRecord, jsonable, write_plots
+from agent.bench.report import CAPACITY, RunRecord, jsonable, write_plots
 from agent.policy_registry import build_policy
 from agent.sim.policies import policy_context
 
@@ -106,8 +106,10 @@ def simulated_baseline(config: DemoConfig, workload: DemoWorkload) -> RunRecord:
         slo,
         trace=config.trace,
         load=config.load,
+        load_basis=CAPACITY,  # the demo offers `load` x the engine's capacity
         length_error=None,
         rate_scale=workload.rate_scale,
+        capacity_rate_scale=workload.rate_scale / config.load,
     )
 
 
@@ -140,6 +142,7 @@ def live_record(run: LiveRun, figures: dict[str, Any], config: DemoConfig) -> Ru
         policy=run.state.policy,
         trace=config.trace,
         load=config.load,
+        load_basis=CAPACITY,
         length_error=None,
         summary=figures,
         time_s=np.array([s.t_s for s in samples]),

@@ -2,7 +2,7 @@
 
 Each planned run is `<mode>:<policy>`: `fixed` serves everything with one engine of the size an
 operator provisions; `autoscale` lets the sizing state machine move between the sizes. The
-policy is any clock policy spec (`max`, `throttllem`, `oracle`, …), run per engine.
+policy is any clock policy spec (`max`, `throttllem`, `throttllem-exact`, …), run per engine.
 
 - **Rate.** The trace window is rate-scaled to `peak_load` × its peak on the largest size: the
   highest rate at which `fixed:max` on the largest engine still meets the SLO over the whole

@@ -4,6 +4,12 @@ Every policy sees the same requests: the trace window, scaled once per load, wit
 `max_tokens` for all (a predictive policy must not learn true lengths from it, and `max` must not
 get a tighter KV reservation under `guaranteed_no_evict` than the policies it is compared with).
 
+Loads come in two kinds. A load "of peak" is a fraction of the highest rate scale at which `max`
+meets the SLO; on a bursty trace that peak can be a few percent of what the engine completes when
+saturated, so such a window is mostly idle. A load "of capacity" (a utilisation) is a fraction of
+the capacity rate: the window compressed to a saturated `max` engine's completion rate. Every
+run reports its offered load as a share of capacity and its busy fraction, whichever kind it ran.
+
 Peak load is the highest rate scale at which `max` still meets the SLO preset (attainment at least
 the preset's `percentile`, 99% for the shipped presets). The search starts at the engine's capacity
 (the window compressed to the completion rate of a saturated `max` run, `agent.sim.capacity`),
@@ -28,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.bench.report import RunRecord
+from agent.bench.report import CAPACITY, PEAK, RunRecord
 from agent.catalog import DEFAULT_MIN_CLOCK_MHZ
 from agent.control.policies import MaxPolicy
 from agent.control.slo import SloTargets
@@ -110,6 +116,7 @@ class ReplayConfig:
     preset: SloPreset
     plan: tuple[PlannedRun, ...]
     loads: tuple[float, ...]  # fractions of the peak rate scale; empty when rate_scale is set
+    utilisations: tuple[float, ...]  # fractions of the capacity rate scale (no peak search needed)
     rate_scale: float | None  # run at this scale of the trace's rate instead of searching the peak
     max_tokens: int  # client max_tokens of every request
     models_dir: Path
@@ -270,19 +277,23 @@ def run_policy(
     *,
     trace: str,
     load: float | None,
+    load_basis: str,
     length_error: float | None,
     rate_scale: float,
+    capacity_rate_scale: float,
     progress: Progress = _ignore,
 ) -> RunRecord:
     """One policy on the requests, as the report's record of it."""
     result = simulate(setup, built.policy, requests, progress, length_predictor=built.lengths)
     summary = result.summary()
     summary["rate_scale"] = rate_scale
+    summary["offered_load_of_capacity"] = rate_scale / capacity_rate_scale
     summary["slo_attainment"] = result.slo_attainment(slo.target)
     return RunRecord(
         policy=result.policy,
         trace=trace,
         load=load,
+        load_basis=load_basis,
         length_error=length_error,
         summary=summary,
         time_s=np.asarray(result.iteration_end_s),
@@ -320,16 +331,18 @@ def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
     # fast; later loads get fresh ones, since policies keep state.
     first = [build(run) for run in config.plan]
     peak: PeakSearch | None = None
-    if config.rate_scale is None:
+    settings: list[tuple[float | None, str, float]] = []  # (load, its basis, rate scale)
+    if config.rate_scale is not None:
+        settings.append((None, PEAK, config.rate_scale))
+    if config.loads:
         with bars("peak search: max") as progress:
             peak = find_peak(setup, workload, slo, capacity, cap, progress)
-        settings = [(load, load * peak.rate_scale) for load in config.loads]
-    else:
-        settings = [(None, config.rate_scale)]
+        settings += [(load, PEAK, load * peak.rate_scale) for load in config.loads]
+    settings += [(u, CAPACITY, u * capacity) for u in config.utilisations]
     total = len(settings) * len(config.plan)
     runs: list[RunRecord] = []
     with bars(f"replay: {total} runs") as progress:
-        for i, (load, scale) in enumerate(settings):
+        for i, (load, basis, scale) in enumerate(settings):
             requests = workload.scale_rate(scale).requests(max_tokens=cap)
             for run, built in zip(config.plan, first if i == 0 else map(build, config.plan), strict=True):
                 done = len(runs)
@@ -340,8 +353,10 @@ def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
                     slo,
                     trace=config.trace,
                     load=load,
+                    load_basis=basis,
                     length_error=run.length_error,
                     rate_scale=scale,
+                    capacity_rate_scale=capacity,
                     progress=lambda f, done=done: progress((done + f) / total),
                 )
                 runs.append(record)

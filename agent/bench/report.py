@@ -24,6 +24,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 BASELINE = "max"
+PEAK = "peak"  # loads as fractions of the highest rate at which `max` meets the SLO
+CAPACITY = "capacity"  # loads as fractions of a saturated `max` engine's completion rate
+LOAD_BASES = {PEAK: "of peak", CAPACITY: "of capacity"}
 MAX_PLOT_POINTS = 5000
 _DASH = "—"
 _COLUMNS = (
@@ -47,7 +50,7 @@ class RunRecord:
 
     policy: str
     trace: str
-    load: float | None  # arrival rate as a fraction of the engine's peak; None: the trace's own rate
+    load: float | None  # arrival rate as a fraction of `load_basis`; None: the trace's own rate
     length_error: float | None  # p95 length-prediction error in %; None: the policy predicts no lengths
     summary: dict[str, Any]  # SimulationResult.summary() plus "slo_attainment" (0..1)
     time_s: np.ndarray  # per iteration: end time
@@ -57,6 +60,7 @@ class RunRecord:
     tbt_weight: np.ndarray  # how many tokens had each gap
     tbt_target_s: float  # the TPOT/TBT target drawn on the CDF
     label: str = ""  # the name in legends and bars; empty: the policy
+    load_basis: str = PEAK  # what `load` is a fraction of: PEAK or CAPACITY
 
     @property
     def name(self) -> str:
@@ -82,6 +86,7 @@ class RunRecord:
 class _Group:
     trace: str
     load: float | None
+    load_basis: str
     length_error: float | None
     label: str  # file-name safe and unique within a report
     runs: tuple[RunRecord, ...]  # the baseline first
@@ -99,6 +104,7 @@ def write_report(out_dir: Path, runs: Sequence[RunRecord], meta: dict[str, Any])
                 "policy": run.policy,
                 "trace": run.trace,
                 "load": run.load,
+                "load_basis": run.load_basis,
                 "length_error": run.length_error,
                 "tbt_target_s": run.tbt_target_s,
                 "summary": run.summary,
@@ -114,6 +120,7 @@ def write_report(out_dir: Path, runs: Sequence[RunRecord], meta: dict[str, Any])
                 "label": group.label,
                 "trace": group.trace,
                 "load": group.load,
+                "load_basis": group.load_basis,
                 "length_error": group.length_error,
                 "policies": [run.policy for run in group.runs],
                 "versus_max": {
@@ -136,7 +143,7 @@ def write_plots(out_dir: Path, runs: Sequence[RunRecord], label: str, title: str
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ordered = tuple(sorted(runs, key=lambda run: run.policy != BASELINE))
-    return _save_plots(_Group(ordered[0].trace, None, None, label, ordered, title), out_dir)
+    return _save_plots(_Group(ordered[0].trace, None, PEAK, None, label, ordered, title), out_dir)
 
 
 def _save_plots(group: _Group, out_dir: Path) -> dict[str, str]:
@@ -148,20 +155,21 @@ def _save_plots(group: _Group, out_dir: Path) -> dict[str, str]:
 
 
 def _groups(runs: Sequence[RunRecord]) -> list[_Group]:
-    """Group by (trace, load, length error), in order of first appearance, baseline first."""
-    settings: dict[tuple[str, float | None], list[float | None]] = {}
+    """Group by (trace, load, load basis, length error), in order of first appearance, baseline first."""
+    settings: dict[tuple[str, float | None, str], list[float | None]] = {}
     for run in runs:
-        errors = settings.setdefault((run.trace, run.load), [])
+        errors = settings.setdefault((run.trace, run.load, run.load_basis), [])
         if run.length_error is not None and run.length_error not in errors:
             errors.append(run.length_error)
     groups: list[_Group] = []
     labels: set[str] = set()
-    for (trace, load), errors in settings.items():
+    for (trace, load, basis), errors in settings.items():
         for error in errors or [None]:
             members = [
                 run
                 for run in runs
-                if (run.trace, run.load) == (trace, load) and run.length_error in (None, error)
+                if (run.trace, run.load, run.load_basis) == (trace, load, basis)
+                and run.length_error in (None, error)
             ]
             policies = [run.policy for run in members]
             repeated = sorted({p for p in policies if policies.count(p) > 1})
@@ -171,15 +179,15 @@ def _groups(runs: Sequence[RunRecord]) -> list[_Group]:
                     f"length error {error}"
                 )
             members.sort(key=lambda run: run.policy != BASELINE)
-            label = _unique(_label(trace, load, error), labels)
-            groups.append(_Group(trace, load, error, label, tuple(members)))
+            label = _unique(_label(trace, load, basis, error), labels)
+            groups.append(_Group(trace, load, basis, error, label, tuple(members)))
     return groups
 
 
-def _label(trace: str, load: float | None, error: float | None) -> str:
+def _label(trace: str, load: float | None, basis: str, error: float | None) -> str:
     parts = [re.sub(r"[^A-Za-z0-9.-]+", "-", Path(trace).name or trace).strip("-") or "trace"]
     if load is not None:
-        parts.append(f"load{load:g}")
+        parts.append(f"load{load:g}" if basis == PEAK else f"util{load:g}")
     if error is not None:
         parts.append(f"err{error:g}")
     return "_".join(parts)
@@ -244,7 +252,7 @@ def _table_row(run: RunRecord, saved: float | None, ratio: float | None) -> tupl
 def _heading(group: _Group) -> str:
     if group.title is not None:
         return group.title
-    load = "native rate" if group.load is None else f"load {group.load:.0%} of peak"
+    load = "native rate" if group.load is None else f"load {group.load:.0%} {LOAD_BASES[group.load_basis]}"
     error = "" if group.length_error is None else f" · length error {group.length_error:g}%"
     return f"{group.trace} · {load}{error}"
 

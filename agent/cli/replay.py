@@ -28,13 +28,13 @@ from agent.slo_presets import load_slo_preset
 from agent.twin.setup import TwinSetup
 from agent.workloads import Workload
 
-DEFAULT_POLICIES = ("max", "static:1050", "reactive", "throttllem", "oracle")
+DEFAULT_POLICIES = ("max", "static:1050", "reactive", "throttllem", "throttllem-exact")
 DEFAULT_POOL_POLICIES = (
     "fixed:max",
     "autoscale:max",
     "fixed:throttllem",
     "autoscale:throttllem",
-    "autoscale:oracle",
+    "autoscale:throttllem-exact",
 )
 DEFAULT_LOADS = (0.5, 0.9)  # the issue's report points, as fractions of max's peak
 _NOT_ARGUMENTS = ("func", "json", "command")
@@ -76,11 +76,12 @@ def _cell(value: float | None, spec: str, suffix: str = "") -> str:
 
 def _print_groups(results: dict[str, Any], out: Path) -> None:
     """One table per report group: the headline figures; the rest is in report.md."""
-    summaries = {(run["policy"], run["load"]): run["summary"] for run in results["runs"]}
+    summaries = {(run["policy"], run["load"], run["load_basis"]): run["summary"] for run in results["runs"]}
     for group in results["groups"]:
         rows = []
         for policy in group["policies"]:
-            s, versus = summaries[(policy, group["load"])], group["versus_max"][policy]
+            s = summaries[(policy, group["load"], group["load_basis"])]
+            versus = group["versus_max"][policy]
             rows.append(
                 (
                     policy,
@@ -93,7 +94,7 @@ def _print_groups(results: dict[str, Any], out: Path) -> None:
                     _cell(s["mean_clock_mhz"], ".0f"),
                 )
             )
-        load = "trace rate" if group["load"] is None else f"load {group['load']:g} of peak"
+        load = "trace rate" if group["load"] is None else f"load {group['load']:g} of {group['load_basis']}"
         error = "" if group["length_error"] is None else f", length error {group['length_error']:g}%"
         print_table(
             f"{group['trace']}, {load}{error}",
@@ -113,13 +114,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return cmd_pool_replay(args, _arguments(args), _window(args, setup_from_args(args)))
     started = time.perf_counter()
     args.policies = args.policies or DEFAULT_POLICIES
-    if args.rate_scale is not None and args.loads is not None:
-        raise CliError("--loads and --rate-scale both set the arrival rate: pass one")
+    if args.rate_scale is not None and (args.loads is not None or args.utilisations is not None):
+        raise CliError("--rate-scale and --loads/--utilisations all set the arrival rate: pass one kind")
     if args.max_tokens < 1:
         raise CliError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    loads = () if args.rate_scale is not None else args.loads or DEFAULT_LOADS
-    if any(load <= 0 for load in loads) or (args.rate_scale is not None and args.rate_scale <= 0):
-        raise CliError("loads and the rate scale must be > 0")
+    utilisations = args.utilisations or ()
+    by_default = args.rate_scale is None and not utilisations
+    loads = args.loads or (DEFAULT_LOADS if by_default else ())
+    if any(x <= 0 for x in (*loads, *utilisations)) or (args.rate_scale is not None and args.rate_scale <= 0):
+        raise CliError("loads, utilisations and the rate scale must be > 0")
     setup = setup_from_args(args)
     preset = load_slo_preset(args.slo, setup.model.name)
     plan = plan_runs(args.policies, args.length_error or ())
@@ -130,6 +133,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         preset=preset,
         plan=plan,
         loads=loads,
+        utilisations=utilisations,
         rate_scale=args.rate_scale,
         max_tokens=args.max_tokens,
         models_dir=args.models_dir,
@@ -197,6 +201,13 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         help="single engine: comma-separated fractions of the peak rate, the highest at which max "
         "meets the SLO "
         f"(searched on the window; default {','.join(map(str, DEFAULT_LOADS))})",
+    )
+    rate.add_argument(
+        "--utilisations",
+        type=_numbers,
+        default=None,
+        help="single engine, with or without --loads: comma-separated fractions of the engine's "
+        "capacity (the completion rate of a saturated max engine on the window), e.g. 0.3,0.6",
     )
     rate.add_argument(
         "--rate-scale", type=float, default=None, help="run at this multiple of the trace's rate"

@@ -129,7 +129,7 @@ class ThrottllemPolicy:
         self.targets = targets
         self.max_clock_mhz = max_clock_mhz
         self.name = name
-        self.correct = correct  # the oracle's model is exact: it needs no correction
+        self.correct = correct  # an exact model (throttllem-exact): it needs no correction
         self.search = search
         self.guard = initial_state(max_clock_mhz, guard_config)
         clocks = model.clocks_mhz.astype(int)

@@ -2,5 +2,5 @@
 
 `loop` replays requests through the twin under a policy; `results` summarises a run;
 `capacity` measures an engine's peak rate; `policies` builds any policy for a twin setup, with
-`oracle_model`, the twin's exact time model, for the oracle.
+`exact_model`, the twin's exact time model, for `throttllem-exact`.
 """

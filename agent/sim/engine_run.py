@@ -17,14 +17,16 @@ from agent.control.policies import ControlView, Policy
 from agent.control.scoreboard import Scoreboard
 from agent.domain import EngineStats, Request
 from agent.sim.results import SimulationResult
-from agent.twin.engine import Engine, IterationOutcome, RequestRejectedError
+from agent.twin.engine import Batch, Engine, IterationOutcome, RequestRejectedError
 from agent.twin.gpu import EngineGpus
 from agent.twin.iteration_stats import IterationStats
 from agent.twin.setup import TwinSetup
-from agent.twin.step import Jitter, engine_stats, iteration_stats, run_on_gpu
+from agent.twin.step import GpuIteration, Jitter, engine_stats, iteration_stats, run_on_gpu
 
 DEFAULT_EPOCH_S = 1_700_158_546.68059  # virtual time 0 on the wall clock: the conv trace's first request
 IterationObserver = Callable[[IterationStats], None]
+# What ran, what it produced and what it cost: a whole trajectory, for offline analyses of a run.
+BatchObserver = Callable[[Batch, IterationOutcome, GpuIteration], None]
 
 
 class DrainingError(RuntimeError):
@@ -46,6 +48,7 @@ class EngineRun:
         self.policy = policy
         self.result = result  # where its iterations and finished requests are recorded
         self.on_iteration = on_iteration  # receives TRT-LLM iteration stats; built only when set
+        self.on_batch: BatchObserver | None = None  # receives every batch, its outcome and its cost
         self.epoch_s = epoch_s
         self.gpu = EngineGpus(setup.gpu, setup.tp, setup.clock_change_delay_s)
         self.engine = Engine(setup.engine, setup.kv_blocks(), setup.max_seq_len)
@@ -63,6 +66,7 @@ class EngineRun:
         self._held: dict[int, tuple[Request, int]] = {}  # gated: arrived, not admitted, with prediction
         self._last_stats: EngineStats | None = None
         self._last_clock: int | None = None
+        self._power_limit_w: float | None = None  # the limit last applied; None: the default (TDP)
         self.draining = False  # set when traffic moves away: nothing new enters
 
     def has_work(self) -> bool:
@@ -92,7 +96,7 @@ class EngineRun:
         return held
 
     def _apply_policy(self, now_s: float) -> None:
-        """Ask the policy; lock the clock it chose and start the requests it admitted."""
+        """Ask the policy; lock the clock and set the power limit it chose, start whom it admitted."""
         view = ControlView(
             now_s=now_s,
             gpu=self.setup.gpu,
@@ -106,6 +110,9 @@ class EngineRun:
             self.gpu.reset_sm_clock(now_s)
         else:
             self.gpu.lock_sm_clock_mhz(decision.sm_clock_mhz, now_s)
+        if decision.power_limit_w != self._power_limit_w:
+            self.gpu.set_power_limit_w(decision.power_limit_w)
+            self._power_limit_w = decision.power_limit_w
         if self.scoreboard is None:
             return
         for request_id in decision.admit_request_ids:
@@ -140,6 +147,8 @@ class EngineRun:
         outcome = self.engine.complete(batch, now_s, run.end_s)
         self.result.record_iteration(outcome, run.clock_mhz, run.power_w)
         self._track(outcome)
+        if self.on_batch is not None:
+            self.on_batch(batch, outcome, run)
         self._last_stats = engine_stats(self.engine, batch, outcome, run.end_s, run.duration_s)
         self._last_clock = run.clock_mhz
         if self.on_iteration is not None:

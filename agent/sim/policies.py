@@ -2,7 +2,7 @@
 
 Every policy is built by `agent.policy_registry`, as the live sidecar builds it; what the twin
 adds is what a live engine cannot give: its limits before it runs, and the exact latency model
-the oracle decides with (`agent.sim.oracle_model`), beside the true output lengths.
+`throttllem-exact` decides with (`agent.sim.exact_model`), beside the true output lengths.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from pathlib import Path
 from agent.catalog import DEFAULT_MIN_CLOCK_MHZ
 from agent.control.admission import EngineLimits
 from agent.control.frequency import IterationTimeModel
+from agent.control.peers.dynamollm import PowerProfile
 from agent.control.slo import SloTargets
 from agent.policy_registry import PolicyContext, ServedEngine
-from agent.sim.oracle_model import TwinTimeModel
+from agent.sim.exact_model import TwinDecodePower, TwinTimeModel
+from agent.twin.power import PowerModel
 from agent.twin.setup import TwinSetup
 
 
@@ -34,7 +36,7 @@ def policy_context(
     ips_optimism_pct: float = 0.0,
     min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ,
 ) -> PolicyContext:
-    """What any policy is built from on `setup`, the oracle's exact time model included.
+    """What any policy is built from on `setup`, the exact time model of `throttllem-exact` included.
 
     `ips_optimism_pct` > 0 makes throttllem's IPS model that much too optimistic (the guard
     experiment); the policy's label says so. No policy locks below `min_clock_mhz`.
@@ -49,6 +51,11 @@ def policy_context(
             tokens_per_block=limits.tokens_per_block,
         )
 
+    def decode_power(clocks_mhz: tuple[int, ...], limits: EngineLimits) -> PowerProfile:
+        return TwinDecodePower(
+            setup.latency_model(), PowerModel(setup.gpu), setup.tp, clocks_mhz, limits.tokens_per_block
+        )
+
     return PolicyContext(
         engine=ServedEngine(setup.gpu, setup.model.name, setup.tp, models_dir),
         targets=targets,
@@ -56,5 +63,6 @@ def policy_context(
         seed=seed,
         ips_optimism_pct=ips_optimism_pct,
         exact_time_model=exact_time_model,
+        power_profile=decode_power,
         min_clock_mhz=min_clock_mhz,
     )

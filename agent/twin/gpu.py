@@ -10,6 +10,12 @@ and `reset_sm_clock()` is `nvmlDeviceResetGpuLockedClocks`. A change takes effec
 reference/throttllem.md §3.6). Unlocked ("stock"), the GPU boosts to its max clock whenever it
 has work and idles down otherwise. An iteration runs at the clock in force when it starts.
 
+A board power limit follows `nvmlDeviceSetPowerManagementLimit`, per GPU, bounded by
+`power_limit_constraints_w()` (`nvmlDeviceGetPowerManagementLimitConstraints`); the GPU's power
+controller may then run an iteration below the requested clock (`agent.twin.power_limit`). The
+default limit is the TDP, which the twin's busy power never exceeds, so only a lower limit is
+kept (`power_cap_w`) and only then does an iteration pay for the search.
+
 Time is given by the caller (virtual or wall clock); this class never reads a clock.
 """
 
@@ -26,6 +32,10 @@ DEFAULT_CLOCK_CHANGE_DELAY_S = 0.005
 
 class UnsupportedClockError(ValueError):
     """A clock the GPU does not list among its supported SM clocks."""
+
+
+class PowerLimitError(ValueError):
+    """A power limit outside the GPU's constraints (NVML answers NVML_ERROR_INVALID_ARGUMENT)."""
 
 
 @dataclass(slots=True)
@@ -53,6 +63,8 @@ class EngineGpus:
         self._pending: _PendingChange | None = None
         self.energy_j = 0.0  # all GPUs together
         self.clock_changes = 0  # locks/resets that changed the effective state
+        # Board power limit below the default, per GPU (W); None: the default limit (TDP).
+        self.power_cap_w: float | None = None
 
     def supported_clocks_mhz(self) -> tuple[int, ...]:
         """Supported SM clocks, highest first (as nvmlDeviceGetSupportedGraphicsClocks)."""
@@ -94,6 +106,31 @@ class EngineGpus:
         """The SM clock work starting at `now_s` runs at."""
         locked = self.locked_clock_mhz(now_s)
         return self.spec.max_clock_mhz if locked is None else locked
+
+    def power_limit_constraints_w(self) -> tuple[float, float]:
+        """(min, max) board power limit per GPU (W), as nvmlDeviceGetPowerManagementLimitConstraints."""
+        return self.spec.min_power_limit_w, self.spec.tdp_w
+
+    def power_limit_w(self) -> float:
+        """The board power limit in force per GPU (W), as nvmlDeviceGetPowerManagementLimit."""
+        return self.spec.tdp_w if self.power_cap_w is None else self.power_cap_w
+
+    def set_power_limit_w(self, watts: float | None) -> None:
+        """Set every GPU's board power limit (W per GPU); None restores the default (TDP).
+
+        Takes effect from the next iteration. A value outside the constraints is refused, as
+        NVML refuses it, and changes nothing.
+        """
+        if watts is None:
+            self.power_cap_w = None
+            return
+        low, high = self.power_limit_constraints_w()
+        if not low <= watts <= high:  # also refuses NaN
+            raise PowerLimitError(
+                f"{watts:g} W is not a valid power limit for {self.spec.name}: "
+                f"it must lie within {low:g}..{high:g} W (nvmlDeviceGetPowerManagementLimitConstraints)"
+            )
+        self.power_cap_w = None if watts == high else float(watts)
 
     def idle_w(self, now_s: float) -> float:
         """The engine's power with no work, at the lock in force at `now_s` (all GPUs, W)."""

@@ -208,7 +208,7 @@ class LatencyModel:
         """Time of decode-only iterations, vectorised (broadcasts its arguments).
 
         The same arithmetic as `iteration` with no prefill chunks, for building exact tables
-        (the oracle policy's "perfect model"); a test holds the two to each other.
+        (the `throttllem-exact` policy's "perfect model"); a test holds the two to each other.
         """
         s = np.interp(clock_mhz, self._response.clock_mhz, self._response.slowdown)
         m = np.interp(clock_mhz, self._response.clock_mhz, self._response.memory_slowdown)
@@ -279,4 +279,38 @@ class LatencyModel:
             busy_fraction=busy_ms / total_ms,
             compute_share=compute_ms / busy_ms,
             attention_share=self.model.layers * decode_attn / busy_ms,
+        )
+
+    def token_floor(self, clock_mhz: int, tokens: int) -> IterationCost:
+        """The cost every iteration of `tokens` tokens pays at least, whatever its batch.
+
+        Only what scales with the tokens (GEMMs, elementwise kernels, all-reduces), one logit, the
+        device overhead and the host loop: no attention and no prefill host time. Each of its
+        time, busy time and compute-bound time is at most that of any batch of `tokens` tokens at
+        `clock_mhz` (what it leaves out is >= 0); `agent.sim.energy_bound` charges tokens from it.
+        """
+        if not 1 <= tokens <= self.max_num_tokens:
+            raise ValueError(f"tokens must be in 1..{self.max_num_tokens}, got {tokens}")
+        s, m = self.clock_factors(clock_mhz)
+        gemm_comp = s * self._comp_ms[tokens]
+        gemm = math.hypot(m * self._mem_ms[tokens], gemm_comp)
+        elem = s * self._elem_ms[tokens]
+        all_reduce = 2.0 * self._all_reduce_ms[tokens]
+        lm_comp = s * self._lm_comp_ms_per_seq
+        lm_head = math.hypot(m * self._lm_mem_ms, lm_comp)
+        device_overhead = s * self.runtime.device_ms
+        busy_ms = self.model.layers * (gemm + elem + all_reduce) + lm_head + device_overhead
+        compute_ms = (
+            self.model.layers
+            * (
+                gemm * (gemm_comp / gemm) ** 2
+                + ELEMENTWISE_COMPUTE_SHARE * elem
+                + ALL_REDUCE_COMPUTE_SHARE * all_reduce
+            )
+            + lm_head * (lm_comp / lm_head) ** 2
+            + device_overhead
+        )
+        total_ms = max(busy_ms, self._host_layers_ms) + self.runtime.host_ms
+        return IterationCost(
+            time_s=total_ms / 1000.0, busy_fraction=busy_ms / total_ms, compute_share=compute_ms / busy_ms
         )

@@ -1,6 +1,7 @@
 """One engine iteration on the twin GPU, the step both the virtual-time loop and the real-time server run.
 
-`run_on_gpu` costs a batch at the clock in force, jitters its duration and accounts its energy;
+`run_on_gpu` costs a batch at the clock in force (lowered under a power limit, as the GPU's power
+controller does: `agent.twin.power_limit`), jitters its duration and accounts its energy;
 `engine_stats` and `iteration_stats` describe the iteration as the engine reports it: the
 statistics a controller reads, and the record TRT-LLM's executor logs. Sharing this step is what
 makes `agent.sim` and `agent.twin.server` run the same twin.
@@ -18,6 +19,7 @@ from agent.twin.gpu import EngineGpus
 from agent.twin.iteration_stats import InflightBatchingStats, IterationStats, KvCacheStats
 from agent.twin.latency import IterationCost, LatencyModel
 from agent.twin.memory import RUNTIME_RESERVED_BYTES, activation_bytes
+from agent.twin.power_limit import capped_clock_mhz
 from agent.twin.setup import TwinSetup
 
 NOISE_BLOCK = 4096  # jitter samples drawn at once
@@ -49,7 +51,8 @@ class GpuIteration:
     clock_mhz: int
     cost: IterationCost
     duration_s: float
-    power_w: float  # mean board power over the iteration
+    power_w: float  # mean power over the iteration, all the engine's GPUs
+    power_capped: bool = False  # ran below the requested clock to keep the power limit (SwPowerCap)
 
     @property
     def end_s(self) -> float:
@@ -64,11 +67,22 @@ def run_on_gpu(
 
     Shared by the virtual-time simulator and the real-time server, so both run the same twin.
     """
-    clock = gpu.busy_clock_mhz(start_s)
-    cost = latency.iteration(clock, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks)
+    clock = requested = gpu.busy_clock_mhz(start_s)
+    if gpu.power_cap_w is None:  # the default limit never binds: no search
+        cost = latency.iteration(clock, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks)
+    else:
+        clock, cost = capped_clock_mhz(
+            requested,
+            gpu.spec.sm_clocks_mhz,
+            lambda f: latency.iteration(
+                f, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks
+            ),
+            gpu.power,
+            gpu.power_cap_w,
+        )
     duration = cost.time_s * jitter.next()
     power = gpu.run_busy(clock, duration, cost)
-    return GpuIteration(start_s, clock, cost, duration, power)
+    return GpuIteration(start_s, clock, cost, duration, power, clock < requested)
 
 
 def engine_stats(

@@ -58,7 +58,7 @@ WRONG_IMPORTS = [
     (LIVE, "sidecar/watchdog.py", "from agent.sim import capacity", "agent.sim.capacity"),
     (LIVE, "config.py", "from agent.twin import memory", "agent.twin.memory"),
     (LIVE, "telemetry.py", "from agent.sim import results", "agent.sim.results"),
-    (LIVE, "policy_registry.py", "from agent.sim import oracle_model", "agent.sim.oracle_model"),
+    (LIVE, "policy_registry.py", "from agent.sim import exact_model", "agent.sim.exact_model"),
     (LIVE, "engines/base.py", "from agent.twin import engine", "agent.twin.engine"),
     (LIVE, "gpus/base.py", "from agent.sim import policies", "agent.sim.policies"),
     (LIVE, "coordinator/service.py", "from agent.sim import pool", "agent.sim.pool"),

@@ -28,7 +28,7 @@ def stock():
     return run("max")
 
 
-@pytest.mark.parametrize("spec", ["throttllem", "oracle", "reactive", "throttllem:noisy:30"])
+@pytest.mark.parametrize("spec", ["throttllem", "throttllem-exact", "reactive", "throttllem:noisy:30"])
 def test_policy_serves_everything_and_saves_energy(spec, stock):
     result = run(spec)
     summary = result.summary()
@@ -38,7 +38,7 @@ def test_policy_serves_everything_and_saves_energy(spec, stock):
     assert summary["mean_clock_mhz"] < 1300
 
 
-@pytest.mark.parametrize("spec", ["throttllem", "oracle"])
+@pytest.mark.parametrize("spec", ["throttllem", "throttllem-exact"])
 def test_predictive_policies_keep_the_tpot_target_at_light_load(spec):
     tpot = np.array(run(spec).tpot_s)
     tpot = tpot[~np.isnan(tpot)]

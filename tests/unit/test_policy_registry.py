@@ -31,7 +31,11 @@ EXAMPLES = {
     "static": "static:1050",
     "reactive": "reactive",
     "throttllem": "throttllem",
-    "oracle": "oracle",
+    "throttllem-exact": "throttllem-exact",
+    "ecofreq": "ecofreq",
+    "greenllm": "greenllm",
+    "powercap": "powercap:250",
+    "dynamollm": "dynamollm",
 }
 
 
@@ -64,9 +68,17 @@ def test_a_spec_is_split_once_at_its_first_colon(text, spec):
         ("fastest", f"unknown policy 'fastest'; known: {policy_syntax()}"),
         ("max:1050", "policy 'max:1050': max takes no argument; known: max | static:<MHz>"),
         ("reactive:fast", "reactive takes no argument"),
-        ("oracle:exact", "oracle takes no argument"),
+        ("throttllem-exact:x", "throttllem-exact takes no argument"),
         ("static", "policy 'static' lacks its argument: write static:<MHz>"),
         ("static:fast", "policy 'static:fast': static needs a clock in MHz, e.g. static:1050"),
+        ("powercap", "policy 'powercap' lacks its argument: write powercap:<W>"),
+        ("powercap:lots", "powercap needs watts per GPU, e.g. powercap:250"),
+        (
+            "powercap:90",
+            "policy 'powercap:90': 90 W is outside a100-sxm4-80gb's power limit range 100..400 W",
+        ),
+        ("powercap:nan", "nan W is outside"),
+        ("ecofreq:most", "policy 'ecofreq:most': EcoFreq's candidate clocks are voltana or full"),
     ],
 )
 def test_a_bad_spec_says_what_is_wrong(text, message):
@@ -75,9 +87,13 @@ def test_a_bad_spec_says_what_is_wrong(text, message):
 
 
 def test_the_help_lists_every_policy_and_says_which_run_live():
-    assert policy_syntax() == "max | static:<MHz> | reactive | throttllem[:<length predictor>] | oracle"
+    assert policy_syntax() == (
+        "max | static:<MHz> | reactive | throttllem[:<length predictor>] | throttllem-exact | "
+        "ecofreq[:<voltana|full>] | greenllm | powercap:<W> | dynamollm[:<length predictor>]"
+    )
     assert policy_syntax(live=True) == (
-        "max | static:<MHz> | reactive | throttllem[:<length predictor>] (oracle: simulate and replay only)"
+        "max | static:<MHz> | reactive | throttllem[:<length predictor>] | ecofreq[:<voltana|full>] | greenllm "
+        "(throttllem-exact, powercap, dynamollm: simulate and replay only)"
     )
 
 
@@ -88,15 +104,15 @@ def test_every_entry_says_truly_whether_its_policy_gates_admission():
         assert built.policy.gates_admission is POLICIES[name].gates_admission is (built.lengths is not None)
 
 
-def test_the_sidecar_refuses_the_oracle_by_its_entry_without_the_twin():
+def test_the_sidecar_refuses_throttllem_exact_by_its_entry_without_the_twin():
     with pytest.raises(
-        ValueError, match="policy 'oracle' needs true output lengths: it runs only in simulate"
+        ValueError, match="policy 'throttllem-exact' needs true output lengths: it runs only in simulate"
     ):
-        check_live_policy("oracle", ENGINE)
+        check_live_policy("throttllem-exact", ENGINE)
     with pytest.raises(
-        ValueError, match="policy 'oracle' needs true output lengths: it runs only in simulate"
+        ValueError, match="policy 'throttllem-exact' needs true output lengths: it runs only in simulate"
     ):
-        build_policy("oracle", LIVE)
+        build_policy("throttllem-exact", LIVE)
 
 
 def test_live_checks_load_nothing_and_name_what_is_missing(tmp_path):
@@ -107,10 +123,20 @@ def test_live_checks_load_nothing_and_name_what_is_missing(tmp_path):
         check_live_policy("throttllem", ServedEngine(SETUP.gpu, SETUP.model.name, SETUP.tp, tmp_path))
     with pytest.raises(ValueError, match="not a supported clock"):
         check_live_policy("static:1051", ENGINE)
+    assert check_live_policy("ecofreq:full", ENGINE) == PolicySpec("ecofreq", "full")
+    with pytest.raises(ValueError, match="needs the IPS model of a100-sxm4-80gb / llama3-8b tp1"):
+        check_live_policy("ecofreq", ServedEngine(SETUP.gpu, SETUP.model.name, SETUP.tp, tmp_path))
+    for text, why in (("powercap:250", "does not apply yet"), ("dynamollm", "offline energy profile")):
+        with pytest.raises(ValueError, match=why):
+            check_live_policy(text, ENGINE)
 
 
 def test_only_a_policy_built_from_the_engine_limits_waits_for_them():
-    assert needs_limits("throttllem") and needs_limits("throttllem:max_tokens") and needs_limits("oracle")
+    assert (
+        needs_limits("throttllem")
+        and needs_limits("throttllem:max_tokens")
+        and needs_limits("throttllem-exact")
+    )
     assert not any(needs_limits(text) for text in ("max", "static:1050", "reactive"))
     assert not needs_limits("scripted")  # not registered: a builder a test injects builds it
     with pytest.raises(ValueError, match="needs the engine's limits"):
@@ -121,7 +147,8 @@ def test_a_clock_floor_holds_for_every_policy_that_chooses_clocks():
     sourced = policy_context(SETUP, TARGETS, MODELS, min_clock_mhz=855)
     assert min(sourced.clocks_mhz()) == 855 and min(SIM.clocks_mhz()) == 600
     assert min(build_policy("reactive", sourced).policy._clocks) >= 855
-    for text in ("throttllem", "oracle"):
+    for text in ("throttllem", "throttllem-exact", "dynamollm"):
         assert min(build_policy(text, sourced).policy.model.clocks_mhz) >= 855
+    assert min(build_policy("greenllm", sourced).policy.clocks_mhz) >= 855
     with pytest.raises(ValueError, match="750 MHz is below this run's lowest clock, 855"):
         build_policy("static:750", sourced)

@@ -47,8 +47,8 @@ def max_policies(_size: int) -> BuiltPolicy:
     return BuiltPolicy(MaxPolicy(), None)
 
 
-def oracle_policies(size: int) -> BuiltPolicy:
-    return build_policy("oracle", policy_context(SETUPS[size], TARGETS, models_dir=None))  # type: ignore[arg-type]
+def exact_policies(size: int) -> BuiltPolicy:
+    return build_policy("throttllem-exact", policy_context(SETUPS[size], TARGETS, models_dir=None))  # type: ignore[arg-type]
 
 
 SCALING = ScalingConfig(((1, 3.0), (2, 6.0), (4, 12.0)), headroom=0.8, grace_s=20.0, shadow_timeout_s=60.0)
@@ -63,7 +63,7 @@ def autoscaled(policies=max_policies, requests=None, knobs=KNOBS, scaling=SCALIN
     return sim, sim.run()
 
 
-@pytest.mark.parametrize("policies", [max_policies, oracle_policies], ids=["max", "oracle"])
+@pytest.mark.parametrize("policies", [max_policies, exact_policies], ids=["max", "throttllem-exact"])
 def test_a_fixed_pool_of_one_engine_is_the_single_engine_simulation(policies):
     requests = requests_at([(3.0, 40.0)])
     single = simulate(SETUPS[2], policies(2).policy, requests, length_predictor=policies(2).lengths).summary()
@@ -134,7 +134,7 @@ def test_a_draining_engine_admits_nothing_new():
 
 
 def test_held_requests_move_with_the_switch_and_the_old_engine_only_drains():
-    sim, pool = autoscaled(oracle_policies, requests_at([(2.0, 20.0), (9.0, 40.0), (3.0, 20.0)], seed=2))
+    sim, pool = autoscaled(exact_policies, requests_at([(2.0, 20.0), (9.0, 40.0), (3.0, 20.0)], seed=2))
     assert sorted(pool.result.finished_ids) == list(range(len(sim.requests)))
     switches = [e.time_s for e in pool.events if e.action == "switch_to"]
     assert switches, "the burst must switch engines"

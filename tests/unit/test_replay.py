@@ -89,11 +89,11 @@ def test_length_errors_give_throttllem_one_run_each_and_share_the_baseline(tmp_p
 
 
 def test_plan_runs_expands_only_plain_throttllem():
-    assert plan_runs(["max", "throttllem", "oracle"], [0, 15]) == (
+    assert plan_runs(["max", "throttllem", "throttllem-exact"], [0, 15]) == (
         PlannedRun("max", None),
         PlannedRun("throttllem:oracle", 0),
         PlannedRun("throttllem:noisy:15", 15),
-        PlannedRun("oracle", None),
+        PlannedRun("throttllem-exact", None),
     )
     assert plan_runs(["throttllem:noisy:15"], []) == (PlannedRun("throttllem:noisy:15", None),)
     for policies, errors in ((["throttllem:oracle"], [15]), (["max", "max"], []), (["max"], [-1]), ([], [])):
@@ -124,6 +124,28 @@ def test_loads_are_fractions_of_the_peak_found(tmp_path):
         (0.5, pytest.approx(0.5 * peak)),
         (0.9, pytest.approx(0.9 * peak)),
     ]
+
+
+def test_utilisations_are_fractions_of_capacity_and_need_no_peak(tmp_path):
+    results = replay_json(
+        "--duration", "20", "--policies", "max", "--utilisations", "0.25,0.5", "--out", str(tmp_path)
+    )
+    capacity = results["meta"]["capacity_rate_scale"]
+    assert results["meta"]["peak_search"] is None  # utilisations are defined without max's SLO
+    runs = results["runs"]
+    assert [(r["load"], r["load_basis"]) for r in runs] == [(0.25, "capacity"), (0.5, "capacity")]
+    assert [r["summary"]["rate_scale"] for r in runs] == [
+        pytest.approx(0.25 * capacity),
+        pytest.approx(0.5 * capacity),
+    ]
+    assert [r["summary"]["offered_load_of_capacity"] for r in runs] == [
+        pytest.approx(0.25),
+        pytest.approx(0.5),
+    ]
+    busy = [r["summary"]["busy_fraction"] for r in runs]
+    assert 0 < busy[0] < busy[1] <= 1  # twice the offered load keeps the engine busier
+    assert [g["label"] for g in results["groups"]] == ["azure-conv_util0.25", "azure-conv_util0.5"]
+    assert "load 50% of capacity" in (tmp_path / "report.md").read_text()
 
 
 def test_paper_preset_takes_its_e2e_from_max_at_saturation(tiny_window, tmp_path):
@@ -159,6 +181,8 @@ def test_unreachable_slo_is_one_error_line(tmp_path, capsys):
         (("--policies", "max", "--slo", "nope", "--rate-scale", "1"), "unknown SLO preset 'nope'"),
         (("--model", "llama2-70b", "--gpu", "a100-sxm4-40gb", "--policies", "max"), "does not fit"),
         (("--policies", "max", "--loads", "0.5", "--rate-scale", "2"), "pass one"),
+        (("--policies", "max", "--utilisations", "0.5", "--rate-scale", "2"), "pass one"),
+        (("--policies", "max", "--utilisations", "0,0.5"), "must be > 0"),
     ],
 )
 def test_errors_are_one_line(argv, message, tmp_path, capsys):

@@ -66,7 +66,7 @@ BAD_VALUES = [
     ("THROTTLLEM_DCGM_URL", "nope", "must be an http(s) URL"),
     ("THROTTLLEM_POLICY", "turbo", "must be max | static:<MHz>"),
     ("THROTTLLEM_POLICY", "static:1234", "not a supported clock"),
-    ("THROTTLLEM_POLICY", "oracle", "needs true output lengths"),
+    ("THROTTLLEM_POLICY", "throttllem-exact", "needs true output lengths"),
     ("THROTTLLEM_POLICY", "throttllem:oracle", "live requests have no true output length"),
     ("THROTTLLEM_POLICY", "throttllem:noisy:30", "live requests have no true output length"),
     ("THROTTLLEM_SLO", "fastest", "unknown SLO preset"),

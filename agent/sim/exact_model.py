@@ -1,7 +1,7 @@
-"""The "perfect model" the oracle policy decides with: the twin's own latency model.
+"""The "perfect model" `throttllem-exact` decides with: the twin's own latency model.
 
 It answers the same questions as a learned IPS model, from the equations that generate the
-twin's iteration times (without their jitter), so the oracle policy measures what throttllem
+twin's iteration times (without their jitter), so `throttllem-exact` measures what throttllem
 could reach with a flawless performance model and true output lengths.
 """
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from agent.predict.ips import BATCH, CLOCK, KV, IpsTable
 from agent.twin.latency import LatencyModel
+from agent.twin.power import PowerModel
 
 
 class TwinTimeModel:
@@ -53,4 +54,35 @@ class TwinTimeModel:
                 self.latency.iteration(int(c), decodes, context, [(chunk, 0)]).time_s
                 for c in self.table.clocks_mhz
             ]
+        )
+
+
+class TwinDecodePower:
+    """The energy profile a DynamoLLM deployment measures offline, taken from the twin itself.
+
+    Busy power of all the engine's GPUs during a decode iteration of `batch` requests reading
+    `kv_blocks` of cache, at each candidate clock, without the twin's jitter.
+    """
+
+    def __init__(
+        self,
+        latency: LatencyModel,
+        power: PowerModel,
+        gpus: int,
+        clocks_mhz: tuple[int, ...],
+        tokens_per_block: int,
+    ) -> None:
+        self.latency = latency
+        self.power = power
+        self.gpus = gpus
+        self.clocks_mhz = tuple(sorted(clocks_mhz))
+        self.tokens_per_block = tokens_per_block
+
+    def decode_power_w(self, clock_index: np.ndarray, batch: int, kv_blocks: float) -> np.ndarray:
+        """Power at each of the clock indices (into the ascending candidate clocks)."""
+        seqs = int(min(max(batch, 1), self.latency.max_num_tokens))
+        context = int(kv_blocks * self.tokens_per_block)
+        clocks = [self.clocks_mhz[int(i)] for i in np.atleast_1d(clock_index)]
+        return np.array(
+            [self.gpus * self.power.busy_w(c, self.latency.iteration(c, seqs, context)) for c in clocks]
         )
