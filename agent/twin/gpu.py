@@ -107,6 +107,14 @@ class EngineGpus:
         locked = self.locked_clock_mhz(now_s)
         return self.spec.max_clock_mhz if locked is None else locked
 
+    def change_within(self, start_s: float, end_s: float) -> tuple[float, int] | None:
+        """A clock change taking effect strictly inside (start, end): when, and the busy clock after it."""
+        pending = self._pending
+        if pending is None or not start_s < pending.effective_s < end_s:
+            return None
+        after = self.spec.max_clock_mhz if pending.locked_mhz is None else pending.locked_mhz
+        return pending.effective_s, after
+
     def power_limit_constraints_w(self) -> tuple[float, float]:
         """(min, max) board power limit per GPU (W), as nvmlDeviceGetPowerManagementLimitConstraints."""
         return self.spec.min_power_limit_w, self.spec.tdp_w

@@ -48,8 +48,8 @@ class GpuIteration:
     """One batch on the GPU: the clock it ran at, what it cost, and its jittered duration and power."""
 
     start_s: float
-    clock_mhz: int
-    cost: IterationCost
+    clock_mhz: int  # the clock it ended at (a change that took effect while it ran applies from then)
+    cost: IterationCost  # its cost at that clock
     duration_s: float
     power_w: float  # mean power over the iteration, all the engine's GPUs
     power_capped: bool = False  # ran below the requested clock to keep the power limit (SwPowerCap)
@@ -63,26 +63,46 @@ class GpuIteration:
 def run_on_gpu(
     gpu: EngineGpus, latency: LatencyModel, batch: Batch, start_s: float, jitter: Jitter
 ) -> GpuIteration:
-    """Cost `batch` at the clock in force at `start_s` and account its energy on `gpu`.
+    """Cost `batch` from `start_s` on and account its energy on `gpu`.
 
+    The iteration starts at the clock in force at `start_s`. A clock change that takes effect
+    while it runs applies from that moment, as on a real GPU, where a lock changes the clock under
+    a running kernel: the work left then runs at the new clock. (Holding the old clock to the end
+    would run a burst's 800-ms prefill at the clock that was set for the decodes before it.)
     Shared by the virtual-time simulator and the real-time server, so both run the same twin.
     """
-    clock = requested = gpu.busy_clock_mhz(start_s)
-    if gpu.power_cap_w is None:  # the default limit never binds: no search
-        cost = latency.iteration(clock, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks)
-    else:
-        clock, cost = capped_clock_mhz(
-            requested,
-            gpu.spec.sm_clocks_mhz,
-            lambda f: latency.iteration(
-                f, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks
-            ),
-            gpu.power,
-            gpu.power_cap_w,
-        )
-    duration = cost.time_s * jitter.next()
-    power = gpu.run_busy(clock, duration, cost)
+    requested = gpu.busy_clock_mhz(start_s)
+    clock, cost = _clock_and_cost(gpu, latency, batch, requested)
+    stretch = jitter.next()
+    duration = cost.time_s * stretch
+    change = gpu.change_within(start_s, start_s + duration)
+    if change is None:
+        power = gpu.run_busy(clock, duration, cost)
+        return GpuIteration(start_s, clock, cost, duration, power, clock < requested)
+    changed_s, requested = change
+    head_s = changed_s - start_s
+    head_w = gpu.run_busy(clock, head_s, cost)
+    clock, cost = _clock_and_cost(gpu, latency, batch, requested)
+    tail_s = (1.0 - head_s / duration) * cost.time_s * stretch  # the share of the work left
+    tail_w = gpu.run_busy(clock, tail_s, cost)
+    duration = head_s + tail_s
+    power = (head_w * head_s + tail_w * tail_s) / duration
     return GpuIteration(start_s, clock, cost, duration, power, clock < requested)
+
+
+def _clock_and_cost(
+    gpu: EngineGpus, latency: LatencyModel, batch: Batch, requested_mhz: int
+) -> tuple[int, IterationCost]:
+    """The clock the batch runs at when `requested_mhz` is asked (lower under a power limit), and its cost."""
+
+    def cost_at(clock_mhz: int) -> IterationCost:
+        return latency.iteration(
+            clock_mhz, batch.decode_seqs, batch.decode_context_tokens, batch.prefill_chunks
+        )
+
+    if gpu.power_cap_w is None:  # the default limit never binds: no search
+        return requested_mhz, cost_at(requested_mhz)
+    return capped_clock_mhz(requested_mhz, gpu.spec.sm_clocks_mhz, cost_at, gpu.power, gpu.power_cap_w)
 
 
 def engine_stats(
