@@ -41,11 +41,13 @@ from agent.control.slo import SloTargets
 from agent.domain import Request, Slo
 from agent.policy_registry import BuiltPolicy, PolicySpec, build_policy
 from agent.sim.capacity import rate_scale_for_load
+from agent.sim.energy_bound import energy_lower_bound, served_output_tokens, slo_deadlines_s
+from agent.sim.hindsight import hindsight_reference, record_trajectory
 from agent.sim.loop import simulate
 from agent.sim.policies import policy_context
 from agent.sim.results import SimulationResult
 from agent.slo_presets import SloPreset, control_targets, resolve_e2e
-from agent.twin.setup import TwinSetup
+from agent.twin.setup import TwinSetup, fit_to_engine
 from agent.workloads import Workload
 
 Progress = Callable[[float], None]
@@ -123,6 +125,63 @@ class ReplayConfig:
     seed: int
     ips_optimism_pct: float = 0.0  # throttllem's IPS model this much too optimistic (guard experiment)
     min_clock_mhz: int = DEFAULT_MIN_CLOCK_MHZ  # no policy locks below this clock
+    limits: bool = True  # also compute the energy lower bound and the hindsight reference per load
+
+
+@dataclass(frozen=True, slots=True)
+class EnergyLimits:
+    """What any schedule of one load's requests needs at least, and what hindsight achieves.
+
+    `bound_j` is `agent.sim.energy_bound`'s theorem (no schedule meeting every deadline uses
+    less); `hindsight_j` is `agent.sim.hindsight`'s achievable schedule: `max`'s own batching
+    with the least-energy clock per iteration, replayed and checked against every deadline.
+    """
+
+    max_j: float  # `max` on the same requests: what every saving is measured from
+    bound_j: float
+    hindsight_j: float
+    hindsight_lp_j: float  # the LP optimum on that trajectory (a bound for it, below hindsight_j)
+    hindsight_feasible: bool
+    hindsight_wall_s: float
+
+    def describe(self) -> dict[str, Any]:
+        """The figures, for every run's summary of this load."""
+        return {
+            "energy_bound_j": self.bound_j,
+            "hindsight_energy_j": self.hindsight_j,
+            "hindsight_lp_energy_j": self.hindsight_lp_j,
+            "hindsight_feasible": self.hindsight_feasible,
+            "hindsight_wall_s": self.hindsight_wall_s,
+        }
+
+    def judge(self, energy_j: float) -> dict[str, float | None]:
+        """A run's share of the achievable saving, (E_max - E) / (E_max - E_bound); its gap to hindsight."""
+        room = self.max_j - self.bound_j
+        return {
+            "saving_share": (self.max_j - energy_j) / room if room > 0 else None,
+            "gap_to_hindsight_pct": 100.0 * (energy_j / self.hindsight_j - 1.0)
+            if self.hindsight_j > 0
+            else None,
+        }
+
+
+def energy_limits(
+    setup: TwinSetup, requests: Sequence[Request], slo: ReplaySlo, min_clock_mhz: int
+) -> EnergyLimits:
+    """The lower bound and the hindsight reference for `requests` held to `slo` (noiseless twin only)."""
+    fitted, _ = fit_to_engine(sorted(requests, key=lambda r: r.arrival_s), setup)
+    outputs = served_output_tokens(fitted)
+    deadlines = slo_deadlines_s(fitted, outputs, slo.target)
+    bound = energy_lower_bound(setup, fitted, outputs, deadlines, min_clock_mhz)
+    hindsight = hindsight_reference(record_trajectory(setup, fitted), slo.target, min_clock_mhz)
+    return EnergyLimits(
+        max_j=hindsight.max_energy_j,
+        bound_j=bound.total_j,
+        hindsight_j=hindsight.energy_j,
+        hindsight_lp_j=hindsight.lp_energy_j,
+        hindsight_feasible=hindsight.feasible,
+        hindsight_wall_s=hindsight.wall_s,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,11 +340,14 @@ def run_policy(
     length_error: float | None,
     rate_scale: float,
     capacity_rate_scale: float,
+    limits: EnergyLimits | None = None,
     progress: Progress = _ignore,
 ) -> RunRecord:
     """One policy on the requests, as the report's record of it."""
     result = simulate(setup, built.policy, requests, progress, length_predictor=built.lengths)
     summary = result.summary()
+    if limits is not None:
+        summary |= limits.describe() | limits.judge(result.energy_j)
     summary["rate_scale"] = rate_scale
     summary["offered_load_of_capacity"] = rate_scale / capacity_rate_scale
     summary["slo_attainment"] = result.slo_attainment(slo.target)
@@ -339,6 +401,13 @@ def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
             peak = find_peak(setup, workload, slo, capacity, cap, progress)
         settings += [(load, PEAK, load * peak.rate_scale) for load in config.loads]
     settings += [(u, CAPACITY, u * capacity) for u in config.utilisations]
+    limits_by_setting: list[EnergyLimits | None] = [None] * len(settings)
+    if config.limits and setup.noise == 0:
+        with bars(f"energy bound and hindsight: {len(settings)} loads") as progress:
+            for i, (_, _, scale) in enumerate(settings):
+                requests = workload.scale_rate(scale).requests(max_tokens=cap)
+                limits_by_setting[i] = energy_limits(setup, requests, slo, config.min_clock_mhz)
+                progress((i + 1) / len(settings))
     total = len(settings) * len(config.plan)
     runs: list[RunRecord] = []
     with bars(f"replay: {total} runs") as progress:
@@ -357,6 +426,7 @@ def replay(config: ReplayConfig, bars: ProgressBars) -> ReplayOutcome:
                     length_error=run.length_error,
                     rate_scale=scale,
                     capacity_rate_scale=capacity,
+                    limits=limits_by_setting[i],
                     progress=lambda f, done=done: progress((done + f) / total),
                 )
                 runs.append(record)

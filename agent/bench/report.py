@@ -36,6 +36,8 @@ _COLUMNS = (
     "tok/J",
     "tok/J vs max",
     "SLO attainment",
+    "share of saving",
+    "vs hindsight",
     "TTFT p50 / p99 s",
     "TBT p50 / p99 ms",
     "E2E p50 / p99 s",
@@ -241,11 +243,27 @@ def _table_row(run: RunRecord, saved: float | None, ratio: float | None) -> tupl
         _fmt(_value(s, "tokens_per_joule"), ".2f"),
         _fmt(ratio, ".2f") + ("×" if ratio is not None else ""),
         _fmt(_value(s, "slo_attainment"), ".2%"),
+        _fmt(_value(s, "saving_share"), ".0%"),
+        _fmt(_value(s, "gap_to_hindsight_pct"), "+.1f")
+        + ("%" if _value(s, "gap_to_hindsight_pct") is not None else ""),
         _pair(s, "ttft_p50_s", "ttft_p99_s", ".2f"),
         _pair(s, "tbt_p50_ms", "tbt_p99_ms", ".1f"),
         _pair(s, "e2e_p50_s", "e2e_p99_s", ".1f"),
         _fmt(_value(s, "mean_clock_mhz"), ".0f"),
         _fmt(switches, ".0f"),
+    )
+
+
+def _limits_line(group: _Group) -> str:
+    """The group's energy bound and hindsight reference, when the replay computed them."""
+    s = group.runs[0].summary
+    bound, hindsight = _value(s, "energy_bound_j"), _value(s, "hindsight_energy_j")
+    if bound is None or hindsight is None:
+        return ""
+    feasible = "" if s.get("hindsight_feasible") else " (its replay missed a deadline)"
+    return (
+        f"Lower bound {bound / 1000:,.1f} kJ · hindsight reference {hindsight / 1000:,.1f} kJ{feasible} "
+        f"(its LP optimum {_fmt(_value(s, 'hindsight_lp_energy_j'), ',.1f', 1e-3)} kJ)"
     )
 
 
@@ -265,10 +283,16 @@ def _markdown(groups: list[_Group], meta: dict[str, Any]) -> str:
     lines += [
         "",
         f"Saved and tok/J are relative to `{BASELINE}` (stock clocks) in the same table. SLO attainment is "
-        "the share of requests that met every target of the SLO preset.",
+        "the share of requests that met every target of the SLO preset. Share of saving is "
+        f"(E_{BASELINE} - E) / (E_{BASELINE} - E_bound), E_bound the least energy any schedule meeting every "
+        "deadline needs (`agent.sim.energy_bound`); vs hindsight compares E with the best clocks for "
+        f"`{BASELINE}`'s own batching, chosen knowing every request (`agent.sim.hindsight`).",
     ]
     for group in groups:
         lines += ["", f"## {_heading(group)}", ""]
+        limits = _limits_line(group)
+        if limits:
+            lines += [limits, ""]
         lines.append("| " + " | ".join(_COLUMNS) + " |")
         lines.append("|" + "---|" * len(_COLUMNS))
         for run, (saved, ratio) in zip(group.runs, _versus_max(group), strict=True):

@@ -90,6 +90,7 @@ def _print_groups(results: dict[str, Any], out: Path) -> None:
                     _cell(s["tokens_per_joule"], ".2f"),
                     _cell(versus["tokens_per_joule_ratio"], ".2f", "x"),
                     _cell(s["slo_attainment"], ".2%"),
+                    _cell(s.get("saving_share"), ".0%"),
                     _cell(s["tbt_p99_ms"], ".0f"),
                     _cell(s["mean_clock_mhz"], ".0f"),
                 )
@@ -98,7 +99,17 @@ def _print_groups(results: dict[str, Any], out: Path) -> None:
         error = "" if group["length_error"] is None else f", length error {group['length_error']:g}%"
         print_table(
             f"{group['trace']}, {load}{error}",
-            ("policy", "energy kJ", "saved", "tok/J", "vs max", "SLO attainment", "TBT p99 ms", "MHz"),
+            (
+                "policy",
+                "energy kJ",
+                "saved",
+                "tok/J",
+                "vs max",
+                "SLO attainment",
+                "share",
+                "TBT p99 ms",
+                "MHz",
+            ),
             rows,
         )
     stdout().print(f"report: {out / 'report.md'}")
@@ -140,6 +151,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         seed=args.seed,
         ips_optimism_pct=args.ips_optimism,
         min_clock_mhz=min_clock_mhz(args, setup.gpu),
+        limits=not args.no_limits,
     )
     outcome = replay(config, lambda label: progress_bar(label, not args.json))
     meta = {
@@ -219,6 +231,11 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         help="client max_tokens of every request, whatever the policy (default %(default)s)",
     )
     rep.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    rep.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="skip the energy lower bound and the hindsight reference (an LP per load; noiseless twin only)",
+    )
     add_clock_range_arg(rep)
     add_pool_args(rep)
     rep.add_argument("--out", type=Path, required=True, help="directory for results.json, report.md, PNGs")

@@ -126,6 +126,31 @@ def test_loads_are_fractions_of_the_peak_found(tmp_path):
     ]
 
 
+def test_every_run_is_judged_against_the_bound_and_the_hindsight_reference(three_policies):
+    results, out = three_policies
+    summaries = {run["policy"]: run["summary"] for run in results["runs"]}
+    bound = summaries["max"]["energy_bound_j"]
+    hindsight = summaries["max"]["hindsight_energy_j"]
+    assert summaries["max"]["hindsight_feasible"]
+    assert 0 < bound <= summaries["max"]["hindsight_lp_energy_j"] <= hindsight <= summaries["max"]["energy_j"]
+    for summary in summaries.values():
+        assert summary["energy_bound_j"] == bound  # one bound per load, whatever the policy
+        assert summary["energy_j"] >= bound
+        share = (summaries["max"]["energy_j"] - summary["energy_j"]) / (summaries["max"]["energy_j"] - bound)
+        assert summary["saving_share"] == pytest.approx(share)
+        assert summary["gap_to_hindsight_pct"] == pytest.approx(100 * (summary["energy_j"] / hindsight - 1))
+    assert summaries["max"]["saving_share"] == 0
+    assert f"Lower bound {bound / 1000:,.1f} kJ" in (out / "report.md").read_text()
+
+
+def test_no_limits_skips_the_bound_and_hindsight(tmp_path):
+    results = replay_json(
+        "--duration", "10", "--policies", "max", "--rate-scale", "1", "--no-limits", "--out", str(tmp_path)
+    )
+    assert "energy_bound_j" not in results["runs"][0]["summary"]
+    assert "Lower bound" not in (tmp_path / "report.md").read_text()
+
+
 def test_utilisations_are_fractions_of_capacity_and_need_no_peak(tmp_path):
     results = replay_json(
         "--duration", "20", "--policies", "max", "--utilisations", "0.25,0.5", "--out", str(tmp_path)
