@@ -113,7 +113,9 @@ def slack_at(
     seg_s = seg_s * np.asarray(correction)[np.asarray(clock_index)][:, None]
     cumulative = seg_s.cumsum(axis=1)
     start = situation.now_s + delay_s[np.asarray(clock_index)][:, None]
-    return slack_s(targets, situation.requests, start, cumulative, proj.end, proj.finish_segment)
+    return slack_s(
+        targets, situation.requests, start, cumulative, proj.end, proj.finish_segment, proj.early_cut
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,11 @@ the batch is constant::
 so the whole future is described by at most n segments, computed in O(n log n) with prefix
 sums — never one row per future iteration. Segments are merged down to `max_segments` (long
 tails of single requests cost nothing to merge) so that clock checks stay cheap. Segments are
-also cut at t = 32, 64, 128, ...: lengths are predictions, so a request may stop early, and the
-TPOT check (slo.py) must see early stopping points even inside one long segment. (Cutting from
-t = 1 made every pending prefill stall look fatal and pinned the clock near max.)
+also cut at t = 4, 8, 16, 32, ...: lengths are predictions, so a request may stop early, and the
+TPOT check (slo.py) must see early stopping points even inside one long segment. The stops before
+`LONG_OUTPUT_CHECKS_FROM` bind only requests predicted to be short (slo.py): judging every
+request at t = 4 made every pending prefill stall look fatal and pinned the clock near max, while
+judging none there let one long prefill at a low clock break the TPOT of a 6-token answer.
 (throttLL'eM §3.4: the paper builds B and KV analytically per iteration.)
 """
 
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_MAX_SEGMENTS = 48
-FIRST_CUT_LOG2 = 5  # early stopping points at 32, 64, 128, ... iterations
+FIRST_CUT_LOG2 = 2  # early stopping points at 4, 8, 16, 32, ... iterations
+LONG_OUTPUT_CHECKS_FROM = 32  # a request not predicted short is judged at stops from here on
 _GEOMETRIC_CUTS = 2.0 ** np.arange(FIRST_CUT_LOG2, 40)
 
 
@@ -39,6 +42,7 @@ class Projection:
     kv_blocks: np.ndarray  # KV blocks in use at the segment's midpoint
     kv_peak_blocks: float  # highest KV use over the whole projection
     finish_segment: np.ndarray  # per request (input order): the segment whose end it finishes at
+    early_cut: np.ndarray  # per segment: its end is only a stop before LONG_OUTPUT_CHECKS_FROM (no finish)
 
 
 def remaining_iterations(generated: np.ndarray, predicted: np.ndarray, max_tokens: np.ndarray) -> np.ndarray:
@@ -61,7 +65,9 @@ def project(
     n = len(remaining)
     if n == 0:
         empty = np.zeros(0)
-        return Projection(empty, empty, empty, empty, 0.0, np.zeros(0, dtype=np.intp))
+        return Projection(
+            empty, empty, empty, empty, 0.0, np.zeros(0, dtype=np.intp), np.zeros(0, dtype=bool)
+        )
     order = remaining.argsort(kind="stable")
     r_sorted = remaining[order].astype(np.float64)
     l_sorted = context_tokens[order].astype(np.float64)
@@ -72,10 +78,12 @@ def project(
         # finishes are never projected earlier than they happen.
         ranks = (np.arange(max_segments) * (len(ends) - 1)) // (max_segments - 1)
         ends = ends[ranks]
+    finishes = ends
     cuts = _GEOMETRIC_CUTS[ends[-1] > _GEOMETRIC_CUTS]
     if len(cuts):
         ends = np.sort(np.concatenate([ends, cuts]))
         ends = ends[np.concatenate([ends[1:] != ends[:-1], [True]])]
+    early_cut = (ends < LONG_OUTPUT_CHECKS_FROM) & ~np.isin(ends, finishes)
     starts = np.concatenate([[0.0], ends[:-1]])
     # Requests still active in segment k are those with r >= its end... except inside merged
     # segments, where some finish early; counting them as active is the conservative choice.
@@ -97,4 +105,5 @@ def project(
         kv_blocks=kv,
         kv_peak_blocks=float(kv_end.max()),
         finish_segment=finish,
+        early_cut=early_cut,
     )

@@ -5,8 +5,10 @@ A request's targets (throttLL'eM §3.5, MLPerf's TTFT/TPOT):
 - TPOT: mean time per output token after the first, (finish - first) / (total - 1) <= tpot_s —
   the paper's "mean TBT" SLO. Checked not only at the predicted finish but at every segment end
   before it: a request predicted to be long may stop early, and its TPOT is then averaged over
-  fewer tokens. With f_k = tpot * end_k - elapsed_k this is one prefix minimum per clock, so
-  robustness to over-predicted lengths costs nothing extra;
+  fewer tokens. With f_k = tpot * end_k - elapsed_k this is a prefix minimum per clock. A request
+  predicted to be short (at most `SHORT_OUTPUT_TOKENS` in all) is judged at every stop; the others
+  only at the stops `Projection.early_cut` does not mark: a few tokens' worth of budget
+  cannot absorb a long prefill stall, which matters only for an answer that may really end there;
 - E2E: finish by arrival + e2e_s when the preset sets one.
 Slack is the least margin over the targets that apply; negative slack means a miss. `margin`
 keeps a fraction of every budget in reserve for model error.
@@ -17,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+SHORT_OUTPUT_TOKENS = 64  # a request predicted to end within this many tokens is judged at every stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +54,11 @@ def slack_s(
     elapsed_s: np.ndarray,
     segment_end: np.ndarray,
     finish_segment: np.ndarray,
+    early_cut: np.ndarray,
 ) -> np.ndarray:
     """Least slack per (clock, request).
+
+    `early_cut` (per segment) marks the stops only requests predicted short are judged at.
 
     `start_s` (clocks x 1) is when decoding resumes (after pending prefills, which also bring the
     first token of requests still waiting for it); `elapsed_s` (clocks x segments) is the decode
@@ -62,9 +69,16 @@ def slack_s(
     waiting = np.isnan(requests.first_token_s)
     first = np.where(waiting, start_s, requests.first_token_s)
     # TPOT if the request stopped at the end of segment k: first + budget * (g + end_k - 1) must
-    # reach start + elapsed_k, for every k up to its finish.
-    tightest = np.minimum.accumulate(budget * segment_end[None, :] - elapsed_s, axis=1)
-    slack = first + budget * (requests.generated - 1) - start_s + tightest[:, finish_segment]
+    # reach start + elapsed_k, for every k up to its finish (from the long-output stops on, unless
+    # the request is predicted short).
+    margin = budget * segment_end[None, :] - elapsed_s
+    every_stop = np.minimum.accumulate(margin, axis=1)[:, finish_segment]
+    late_stops = np.minimum.accumulate(np.where(early_cut[None, :], np.inf, margin), axis=1)[
+        :, finish_segment
+    ]
+    short = requests.generated + requests.remaining <= SHORT_OUTPUT_TOKENS
+    tightest = np.where(short, every_stop, late_stops)
+    slack = first + budget * (requests.generated - 1) - start_s + tightest
     if targets.ttft_s is not None:
         ttft = requests.arrival_s + keep * targets.ttft_s - first
         slack = np.where(waiting, np.minimum(slack, ttft), slack)

@@ -92,8 +92,8 @@ def test_the_help_lists_every_policy_and_says_which_run_live():
         "ecofreq[:<voltana|full>] | greenllm | powercap:<W> | dynamollm[:<length predictor>]"
     )
     assert policy_syntax(live=True) == (
-        "max | static:<MHz> | reactive | throttllem[:<length predictor>] | ecofreq[:<voltana|full>] | greenllm "
-        "(throttllem-exact, powercap, dynamollm: simulate and replay only)"
+        "max | static:<MHz> | reactive | throttllem[:<length predictor>] | ecofreq[:<voltana|full>] | "
+        "greenllm (throttllem-exact, powercap, dynamollm: simulate and replay only)"
     )
 
 

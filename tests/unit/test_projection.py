@@ -147,3 +147,36 @@ def test_scoreboard_tracks_requests():
     assert list(view.queued_ids) == [2, 3, 4]
     assert view.run_first_token_s[0] == 1.5
     assert list(view.queued_predicted) == [30, 30, 30]
+
+
+def _fresh_request_behind_a_prefill(predicted_total: float) -> Situation:
+    """One request with its first token just out, and 4000 prompt tokens of others to prefill first."""
+    requests = RequestSet(
+        arrival_s=np.array([-0.1]),
+        first_token_s=np.array([0.0]),
+        generated=np.array([1.0]),
+        remaining=np.array([predicted_total - 1.0]),
+        context_tokens=np.array([500.0]),
+    )
+    model = LinearModel()
+    return Situation(
+        0.0,
+        requests,
+        project(requests.context_tokens, requests.remaining, 64),
+        4000,
+        PrefillCost.probe(model, 1, 8.0, 8192),
+    )
+
+
+def test_a_request_predicted_short_is_judged_at_early_stops_a_long_one_is_not():
+    # The 4000-token prefill stalls decoding for 0.4 s at 1410 MHz and 0.94 s at 600 MHz. A request
+    # predicted to end within 60 tokens may end after 4 more, with 0.38 s of TPOT budget
+    # (4 x 0.1 x 0.95) for the stall: no clock keeps that, so it is lost and the clock goes to max.
+    # One predicted to run 300 tokens is judged from its 32nd on, whose budget absorbs the stall.
+    targets = SloTargets(tpot_s=0.1)
+    model = LinearModel()
+    ones = np.ones(len(model.clocks_mhz))
+    short = lowest_feasible(model, targets, _fresh_request_behind_a_prefill(60), ones, "all")
+    long = lowest_feasible(model, targets, _fresh_request_behind_a_prefill(300), ones, "all")
+    assert short.clock_index is None or model.clocks_mhz[short.clock_index] == 1410
+    assert long.clock_index == 0
