@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every replay the README quotes, into benchmarks/replays/<name>/ (peers-*: about 45 minutes on 2 cores).
+# Every replay the README quotes, into benchmarks/replays/<name>/ (peers-*: about 40 minutes on 2 cores).
 # Usage: benchmarks/replays.sh [name ...]   (no name: all of them; two run at a time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,6 @@ declare -A JOBS=(
   [peers-shift-a100-sxm4-80gb-llama3-8b]="${SHORT[*]} --trace shift(azure-conv,137) ${A80[*]} --policies $PEERS_CONV"
   [peers-conv-a100-sxm4-40gb-llama2-13b]="${SHORT[*]} ${CONV[*]} ${A40[*]} --policies $PEERS_CONV"
   [peers-code-a100-sxm4-40gb-llama2-13b]="${SHORT[*]} ${CODE[*]} ${A40[*]} --policies $PEERS_CODE"
-  [peers-burst-a100-sxm4-40gb-llama2-13b]="${SHORT[*]} --trace burst(azure-conv,9) ${A40[*]} --policies $PEERS_CONV"
   [main-conv-a100-sxm4-80gb-llama3-8b]="${LONG[*]} ${CONV[*]} ${A80[*]} --policies $ALL_POLICIES"
   [sourced-conv-a100-sxm4-80gb-llama3-8b]="${LONG[*]} ${CONV[*]} ${A80[*]} --policies $SOURCED_POLICIES --clock-range sourced"
   [main-conv-a100-sxm4-40gb-llama2-13b]="${LONG[*]} ${CONV[*]} ${A40[*]} --policies $ALL_POLICIES"
