@@ -72,12 +72,12 @@ def slack_s(
     # reach start + elapsed_k, for every k up to its finish (from the long-output stops on, unless
     # the request is predicted short).
     margin = budget * segment_end[None, :] - elapsed_s
-    every_stop = np.minimum.accumulate(margin, axis=1)[:, finish_segment]
-    late_stops = np.minimum.accumulate(np.where(early_cut[None, :], np.inf, margin), axis=1)[
-        :, finish_segment
-    ]
+    late = np.where(early_cut[None, :], np.inf, margin) if early_cut.any() else margin
+    tightest = np.minimum.accumulate(late, axis=1)[:, finish_segment]
     short = requests.generated + requests.remaining <= SHORT_OUTPUT_TOKENS
-    tightest = np.where(short, every_stop, late_stops)
+    if late is not margin and short.any():  # the early stops bind the short requests only
+        every_stop = np.minimum.accumulate(margin, axis=1)[:, finish_segment]
+        tightest = np.where(short, every_stop, tightest)
     slack = first + budget * (requests.generated - 1) - start_s + tightest
     if targets.ttft_s is not None:
         ttft = requests.arrival_s + keep * targets.ttft_s - first

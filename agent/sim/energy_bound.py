@@ -82,6 +82,7 @@ import numpy as np
 
 from agent.domain import Request, Slo
 from agent.slo_presets import SloPreset, e2e_budget_s
+from agent.twin.engine import served_tokens
 from agent.twin.latency import IterationCost, LatencyModel
 from agent.twin.power import PowerModel
 from agent.twin.setup import TwinSetup
@@ -274,8 +275,8 @@ def batch_caps(arrival_s: np.ndarray, deadlines_s: np.ndarray, cap: int) -> np.n
 
 
 def served_output_tokens(requests: Sequence[Request]) -> np.ndarray:
-    """Tokens each request generates on the twin: its true length capped by max_tokens, as `Engine`."""
-    return np.array([min(r.output_tokens or r.max_tokens, r.max_tokens) for r in requests], dtype=np.int64)
+    """Tokens each request generates on the twin (`Engine`'s own rule)."""
+    return np.array([served_tokens(r) for r in requests], dtype=np.int64)
 
 
 def slo_deadlines_s(

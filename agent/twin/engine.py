@@ -33,6 +33,11 @@ def _blocks(tokens: int, tokens_per_block: int) -> int:
     return -(-tokens // tokens_per_block)
 
 
+def served_tokens(request: Request) -> int:
+    """Tokens the engine generates for `request`: its true length, capped by its max_tokens."""
+    return min(request.output_tokens or request.max_tokens, request.max_tokens)
+
+
 class RequestRejectedError(ValueError):
     """The engine can never serve this request (too long for its limits)."""
 
@@ -141,7 +146,7 @@ class Engine:
         reserve = _blocks(total, cfg.tokens_per_block)
         if reserve > self.kv_blocks:
             raise RequestRejectedError(f"needs {reserve} KV blocks, the cache has {self.kv_blocks}")
-        target = min(request.output_tokens or request.max_tokens, request.max_tokens)
+        target = served_tokens(request)
         self._seq_no += 1
         self.waiting.append(
             _Sequence(

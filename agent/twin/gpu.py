@@ -8,7 +8,8 @@ Clock semantics follow NVML: `lock_sm_clock_mhz(f)` is `nvmlDeviceSetGpuLockedCl
 and `reset_sm_clock()` is `nvmlDeviceResetGpuLockedClocks`. A change takes effect after
 `clock_change_delay_s` (NVML SetGpuLockedClocks measured at ~4.5 ms p50 on A800, see
 reference/throttllem.md §3.6). Unlocked ("stock"), the GPU boosts to its max clock whenever it
-has work and idles down otherwise. An iteration runs at the clock in force when it starts.
+has work and idles down otherwise. A change that takes effect while an iteration runs applies
+from that moment (`change_within`; `agent.twin.step` runs the rest of the iteration at it).
 
 A board power limit follows `nvmlDeviceSetPowerManagementLimit`, per GPU, bounded by
 `power_limit_constraints_w()` (`nvmlDeviceGetPowerManagementLimitConstraints`); the GPU's power
