@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Engine configurations whose IPS models ship in models/ (gpu:model:tp).
+# Engine configurations whose IPS models ship in agent/data/models/ (gpu:model:tp).
 MODEL_CONFIGS := a100-sxm4-80gb:llama3-8b:1 a100-sxm4-40gb:llama2-13b:1 a100-sxm4-40gb:llama2-13b:2 \
                  a100-sxm4-40gb:llama2-13b:4 h100-sxm5-80gb:llama3-8b:1
 PROFILE_ROWS  ?= 20000
@@ -49,9 +49,9 @@ models: setup
 	  set -- $$(echo $$cfg | tr : ' '); \
 	  data=build/profiles/$$1-$$2-tp$$3.csv; rm -f $$data $$data.json; \
 	  $(BIN)/throttllem profile --target twin --gpu $$1 --model $$2 --tp $$3 --samples $(PROFILE_ROWS) --seed 0 --out $$data --json; \
-	  $(BIN)/throttllem train --data $$data --out models/$$1/$$2-tp$$3 --seed 0 --json; \
+	  $(BIN)/throttllem train --data $$data --out agent/data/models/$$1/$$2-tp$$3 --seed 0 --json; \
 	done
-	$(BIN)/throttllem train-lengths --out models/lengths/azure --seed 0 --json
+	$(BIN)/throttllem train-lengths --out agent/data/models/lengths/azure --seed 0 --json
 	@set -e; for tp in $(POOL_SIZES); do \
 	  $(BIN)/throttllem capacity $(POOL_ENGINE) --tp $$tp --trace azure-conv --seed 0 --json; \
 	  $(BIN)/throttllem capacity $(POOL_ENGINE) --tp $$tp --trace azure-code $(CODE_ENGINE) --seed 0 --json; \

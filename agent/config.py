@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from agent.catalog import GPUS, MODELS
 from agent.gpus.node_agent import check_pod_field
 from agent.policy_registry import PolicySpec, ServedEngine, check_live_policy, policy_syntax
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.slo_presets import load_slo_preset
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,18 @@ class Settings(BaseSettings):
     tp: int = Field(1, ge=1, le=8, description="tensor-parallel degree of the engine")
     policy: str = Field("max", description=f"clock policy: {policy_syntax(live=True)}")
     seed: int = Field(0, ge=0, description="seed for every random choice of a run")
-    models_dir: Path = Field(Path("models"), description="trained models: <gpu>/<model>-tp<N>/, lengths/")
+    models_dir: Path = Field(
+        None,  # type: ignore[assignment]  # validated into the shipped directory
+        validate_default=True,
+        description="trained models: <gpu>/<model>-tp<N>/, lengths/; unset: those shipped in the package",
+    )
     clock_change_delay_ms: float = Field(
         5.0, ge=0.0, le=1000.0, description="delay before a clock change takes effect (twin GPU)"
     )
-    slo: str = Field("mlperf-server", description="SLO preset: a name in policies/ or a path to a .toml file")
+    slo: str = Field(
+        "mlperf-server",
+        description="SLO preset: a shipped name (mlperf-server, mlperf-interactive, paper) or a .toml path",
+    )
 
     # The engine the sidecar watches.
     engine: Literal["triton", "trtllm-serve", "vllm"] = Field("triton", description="engine kind")
@@ -248,6 +256,11 @@ class Settings(BaseSettings):
     @classmethod
     def _in_catalog(cls, value: str, info: ValidationInfo) -> str:
         return in_catalog(value, info)
+
+    @field_validator("models_dir", mode="before")
+    @classmethod
+    def _shipped_models_unless_given(cls, value: object) -> object:
+        return SHIPPED_MODELS_DIR if value is None else value
 
     @field_validator("policy")
     @classmethod

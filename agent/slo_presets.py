@@ -26,10 +26,10 @@ import numpy as np
 
 from agent.control.slo import SloTargets
 from agent.domain import Slo
+from agent.shipped import SHIPPED_POLICIES_DIR
 
 E2eRule = Literal["ttft+tpot", "max-p99-saturated", "none"]
 E2E_RULES: tuple[E2eRule, ...] = ("ttft+tpot", "max-p99-saturated", "none")
-POLICIES_DIR = Path("policies")  # relative: looked up from the current directory
 _TOP_KEYS = frozenset({"name", "source", "percentile", "e2e", "models"})
 _MODEL_KEYS = frozenset({"ttft_s", "tpot_s", "basis"})
 
@@ -52,7 +52,7 @@ class SloPreset:
     source: str  # where the numbers come from, including the per-model basis
 
 
-def load_slo_preset(name_or_path: str, model: str, *, policies_dir: Path = POLICIES_DIR) -> SloPreset:
+def load_slo_preset(name_or_path: str, model: str, *, policies_dir: Path = SHIPPED_POLICIES_DIR) -> SloPreset:
     """Read a preset by name (a file in `policies_dir`) or by path, for one catalog model."""
     path = _preset_path(name_or_path, policies_dir)
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.twin.setup import TwinSetup
 
 START_TIMEOUT_S = 60.0  # the CLI imports a lot; a loaded 2-core machine needs the margin
@@ -364,7 +365,7 @@ class SidecarSpec:
     gateway: bool = True
     actuator: str = "twin"
     meter: str = "twin"
-    models_dir: Path = Path("models")
+    models_dir: Path = SHIPPED_MODELS_DIR
     settings: Mapping[str, str] = field(default_factory=dict)  # more THROTTLLEM_<KEY> values, by key
     inherit_otel: bool = True  # pass this environment's OTEL_* variables on
     env: Mapping[str, str] = field(default_factory=dict)  # other variables, verbatim (e.g. OTEL_*)

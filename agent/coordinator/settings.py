@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.config import ConfigError, host_name, in_catalog, log_level, read_settings, settings_table_markdown
 from agent.coordinator.names import DEFAULT_DEPLOYMENT, DEFAULT_SERVICE, deployment_name
+from agent.shipped import SHIPPED_MODELS_DIR
 
 COORDINATOR_PREFIX = "THROTTLLEM_COORDINATOR_"
 # Kubernetes object names: a Service's is a DNS-1035 label, a Deployment's a DNS-1123 subdomain.
@@ -48,7 +49,11 @@ class CoordinatorSettings(BaseSettings):
     )
     capacity_trace: str = Field("azure-conv", description="whose request mix the capacity profiles are for")
     slo: str = Field("mlperf-server", description="SLO preset the capacities and the sidecars hold to")
-    models_dir: Path = Field(Path("models"), description="IPS models and capacity profiles")
+    models_dir: Path = Field(
+        None,  # type: ignore[assignment]  # validated into the shipped directory
+        validate_default=True,
+        description="IPS models and capacity profiles; unset: those shipped in the package",
+    )
     period_s: float = Field(10.0, gt=0.0, le=600.0, description="seconds between sizing decisions")
     ready_poll_s: float = Field(
         1.0,
@@ -88,6 +93,11 @@ class CoordinatorSettings(BaseSettings):
         None, description="kubernetes: this candidate's name; unset: the pod's HOSTNAME"
     )
     log_level: str = Field("INFO", description="DEBUG | INFO | WARNING | ERROR")
+
+    @field_validator("models_dir", mode="before")
+    @classmethod
+    def _shipped_models_unless_given(cls, value: object) -> object:
+        return SHIPPED_MODELS_DIR if value is None else value
 
     @field_validator("gpu", "model")
     @classmethod

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.bench.live_run import warm_up
 from agent.bench.processes import ProcessGroup, ProcessStartError, SidecarSpec, start_sidecar, start_twin
 from agent.catalog import gpu_spec, model_spec
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sidecar.spans import SPAN_NAME
 from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
@@ -28,7 +28,7 @@ from agent.workloads.loadgen import generate_load
 from tests.unit.test_sidecar_telemetry import Receiver, attributes
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
-MODELS = Path("models")
+MODELS = SHIPPED_MODELS_DIR
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "200"}  # ms between span batches (default 5 s)
 
 

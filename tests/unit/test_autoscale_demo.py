@@ -20,6 +20,7 @@ from agent.bench.autoscale_demo import (
 from agent.bench.autoscale_report import write_autoscale_report
 from agent.catalog import gpu_spec, model_spec
 from agent.cli.demo import render_pool
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.slo_presets import load_slo_preset
 from agent.twin.setup import TwinSetup, fit_to_engine
 from agent.workloads import load_trace
@@ -30,7 +31,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def config(tmp_path: Path, **kwargs) -> AutoscaleConfig:
-    return AutoscaleConfig(setup=SETUP, preset=PRESET, models_dir=Path("models"), out_dir=tmp_path, **kwargs)
+    return AutoscaleConfig(
+        setup=SETUP, preset=PRESET, models_dir=SHIPPED_MODELS_DIR, out_dir=tmp_path, **kwargs
+    )
 
 
 def per_period(arrivals: list[float], start_s: float, end_s: float, period_s: float) -> list[int]:

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from agent.cli import main
+from agent.shipped import SHIPPED_MODELS_DIR
 
 SIM_KEYS = {
     "requests",
@@ -196,11 +197,10 @@ def test_profile_refuses_a_dataset_of_another_setup(tmp_path, capsys):
 
 
 def test_shipped_models_load_and_pass_parity():
-    from pathlib import Path
 
     from agent.predict.ips import IpsModel
 
-    shipped = sorted(p for p in Path("models").glob("*/*/card.json") if p.parent.parent.name != "lengths")
+    shipped = sorted(p for p in SHIPPED_MODELS_DIR.glob("*/*/card.json") if p.parent.parent.name != "lengths")
     assert len(shipped) >= 5
     for card in shipped:
         model = IpsModel(card.parent)

@@ -16,6 +16,7 @@ from agent.catalog import gpu_spec, model_spec
 from agent.cli import build_parser
 from agent.cli.common import workload_from_args
 from agent.cli.demo import render
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sim.capacity import peak_rate_rps
 from agent.slo_presets import load_slo_preset
 from agent.twin.setup import TwinSetup
@@ -27,7 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def config(tmp_path: Path, **kwargs) -> DemoConfig:
-    return DemoConfig(setup=SETUP, preset=PRESET, out_dir=tmp_path, models_dir=Path("models"), **kwargs)
+    return DemoConfig(setup=SETUP, preset=PRESET, out_dir=tmp_path, models_dir=SHIPPED_MODELS_DIR, **kwargs)
 
 
 def test_the_load_command_rebuilds_exactly_the_planned_requests(tmp_path):

@@ -28,6 +28,7 @@ from agent.cli import build_parser
 from agent.config import ENV_PREFIX, Settings, env_name, load_settings
 from agent.coordinator.names import SIZE_LABEL
 from agent.coordinator.settings import load_coordinator_settings
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sidecar.energy import EnergySampler
 from agent.sidecar.metrics import SidecarMetrics
 from agent.twin.server.gpu_control import gpu_uuids
@@ -465,15 +466,16 @@ def test_dockerfile_runs_the_console_script() -> None:
     assert build_parser().parse_args(json.loads(cmd)).command == "run"
 
 
-def test_dockerfile_ships_models_and_policies_where_the_settings_look() -> None:
+def test_dockerfile_installs_the_package_with_its_models_and_policies() -> None:
     workdir = Path(dockerfile("WORKDIR")[-1])
     copies = {tuple(args.split()) for args in dockerfile("COPY") if not args.startswith("--from")}
-    # Relative defaults resolve from the working directory: models/ and policies/<slo>.toml.
-    assert Settings.model_fields["models_dir"].default == Path("models")
-    assert {("models", "./models"), ("policies", "./policies")} <= copies
+    # The models and presets are package data: the image installs the package and copies nothing else.
+    assert Settings().models_dir == SHIPPED_MODELS_DIR
+    assert SHIPPED_MODELS_DIR.is_relative_to(REPO / "agent")
+    assert copies == {("pyproject.toml", "README.md", "./"), ("agent", "./agent")}
     assert workdir.is_absolute()
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
-    assert {"!models", "!policies", "!agent", "!pyproject.toml", "!README.md"} <= set(ignored)
+    assert {"!agent", "!pyproject.toml", "!README.md"} <= set(ignored)
     assert dockerfile("USER")[-1] != "0"
 
 

@@ -5,7 +5,6 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from agent.control.frequency import IterationTimeModel
 from agent.control.policies import MaxPolicy, Policy, ReactivePolicy, StaticPolicy, ThrottllemPolicy
 from agent.domain import Request, Slo
 from agent.predict.lengths import OraclePredictor
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sim.energy_bound import (
     batch_caps,
     energy_lower_bound,
@@ -48,7 +48,7 @@ def preset(model: str) -> SloPreset:
 
 @functools.cache
 def exact_time_model(setup: TwinSetup) -> IterationTimeModel:
-    context = policy_context(setup, control_targets(preset(setup.model.name)), Path("models"))
+    context = policy_context(setup, control_targets(preset(setup.model.name)), SHIPPED_MODELS_DIR)
     assert context.exact_time_model is not None and context.limits is not None
     return context.exact_time_model(context.clocks_mhz(), context.limits)
 

@@ -1,7 +1,6 @@
 """Generation-length predictors: contracts, the noisy error model, the shipped learned model, training."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +27,9 @@ from agent.predict.lengths import (
     evaluate,
     parse_length_predictor,
 )
+from agent.shipped import SHIPPED_MODELS_DIR
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
+MODELS = SHIPPED_MODELS_DIR
 SHIPPED = MODELS / "lengths" / "azure"
 SMALL = LengthTrainConfig(n_estimators=20, num_leaves=7)
 

@@ -1,7 +1,5 @@
 """DynamoLLM's instance-level rule: the feasible clock of least energy per token, every 5 s."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,6 +11,7 @@ from agent.control.scoreboard import Scoreboard
 from agent.control.slo import SloTargets
 from agent.domain import Request
 from agent.policy_registry import build_policy, check_live_policy
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sim.loop import simulate
 from agent.sim.policies import policy_context
 from agent.twin.setup import TwinSetup
@@ -99,7 +98,7 @@ def test_a_request_that_would_overrun_its_tpot_budget_forbids_slow_clocks():
 
 def test_live_sidecar_refuses_it_and_the_simulator_runs_it():
     setup = TwinSetup(GPU, model_spec("llama3-8b"))
-    context = policy_context(setup, SloTargets(tpot_s=0.1, ttft_s=2.0), Path("models"))
+    context = policy_context(setup, SloTargets(tpot_s=0.1, ttft_s=2.0), SHIPPED_MODELS_DIR)
     with pytest.raises(ValueError, match="energy profile"):
         check_live_policy("dynamollm", context.engine)
     built = build_policy("dynamollm", context)

@@ -1,7 +1,5 @@
 """EcoFreq (VoltanaLLM) on throttllem's inputs, held to a brute-force search over a known latency model."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import assume, given, settings
@@ -16,6 +14,7 @@ from agent.control.scoreboard import ScoreboardView
 from agent.control.slo import SloTargets
 from agent.domain import EngineStats
 from agent.policy_registry import build_policy, learned_time_model
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sim.loop import simulate
 from agent.sim.policies import policy_context
 from agent.twin.setup import TwinSetup
@@ -242,7 +241,7 @@ def test_on_the_twin_it_serves_everything_below_max_energy():
     setup = TwinSetup(A100, model_spec("llama3-8b"), noise=0.02, seed=3)
     targets = SloTargets(tpot_s=0.05, ttft_s=2.0)
     requests = synthetic_from_spec("synthetic:poisson:2", seed=5, duration_s=20).requests(max_tokens=1024)
-    context = policy_context(setup, targets, Path("models"))
+    context = policy_context(setup, targets, SHIPPED_MODELS_DIR)
     model = learned_time_model(context.engine, context.limits, context.clocks_mhz())
     eco = EcoFreqPolicy(model, targets, context.clocks_mhz(), limits=context.limits)
     run = simulate(setup, eco, requests)

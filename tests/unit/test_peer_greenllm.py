@@ -1,7 +1,5 @@
 """GreenLLM's decode loop (reconstructed): steps on the tail TBT, holds in its band, max clock for prefill."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,6 +9,7 @@ from agent.control.policies import ControlView
 from agent.control.slo import SloTargets
 from agent.domain import EngineStats
 from agent.policy_registry import build_policy
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sim.loop import simulate
 from agent.sim.policies import policy_context
 from agent.twin.setup import TwinSetup
@@ -174,7 +173,7 @@ def test_on_the_twin_it_serves_everything_below_max_energy():
     setup = TwinSetup(A100, model_spec("llama3-8b"), noise=0.02, seed=3)
     targets = SloTargets(tpot_s=0.05)
     requests = synthetic_from_spec("synthetic:poisson:2", seed=5, duration_s=30).requests(max_tokens=1024)
-    context = policy_context(setup, targets, Path("models"))
+    context = policy_context(setup, targets, SHIPPED_MODELS_DIR)
     run = simulate(setup, GreenLlmPolicy(targets, context.clocks_mhz()), requests)
     stock = simulate(setup, build_policy("max", context).policy, requests).summary()
     result = run.summary()

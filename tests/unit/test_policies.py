@@ -1,13 +1,12 @@
 """Predictive policies on the twin: they serve every request, and they throttle when there is slack."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from agent.catalog import gpu_spec, model_spec
 from agent.control.slo import SloTargets
 from agent.policy_registry import build_policy
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sim.loop import simulate
 from agent.sim.policies import policy_context
 from agent.twin.setup import TwinSetup
@@ -19,7 +18,7 @@ REQUESTS = synthetic_from_spec("synthetic:poisson:1.5", seed=5, duration_s=40).r
 
 
 def run(spec: str):
-    built = build_policy(spec, policy_context(SETUP, TARGETS, Path("models")))
+    built = build_policy(spec, policy_context(SETUP, TARGETS, SHIPPED_MODELS_DIR))
     return simulate(SETUP, built.policy, REQUESTS, length_predictor=built.lengths)
 
 
@@ -47,13 +46,13 @@ def test_predictive_policies_keep_the_tpot_target_at_light_load(spec):
 
 def test_unknown_policy_lists_the_known_ones():
     with pytest.raises(ValueError, match="throttllem"):
-        build_policy("fastest", policy_context(SETUP, TARGETS, Path("models")))
+        build_policy("fastest", policy_context(SETUP, TARGETS, SHIPPED_MODELS_DIR))
 
 
 def test_an_optimistic_ips_model_predicts_shorter_iterations_and_says_so():
-    honest = build_policy("throttllem", policy_context(SETUP, TARGETS, Path("models"))).policy
+    honest = build_policy("throttllem", policy_context(SETUP, TARGETS, SHIPPED_MODELS_DIR)).policy
     optimistic = build_policy(
-        "throttllem", policy_context(SETUP, TARGETS, Path("models"), ips_optimism_pct=15)
+        "throttllem", policy_context(SETUP, TARGETS, SHIPPED_MODELS_DIR, ips_optimism_pct=15)
     ).policy
     clocks, batch, kv = np.arange(3), np.array([8, 64, 200]), np.array([100.0, 900.0, 2000.0])
     assert np.allclose(
@@ -64,7 +63,7 @@ def test_an_optimistic_ips_model_predicts_shorter_iterations_and_says_so():
     )
     assert optimistic.name == "throttllem (IPS +15%)"
     with pytest.raises(ValueError, match="percentage"):
-        build_policy("throttllem", policy_context(SETUP, TARGETS, Path("models"), ips_optimism_pct=-5))
+        build_policy("throttllem", policy_context(SETUP, TARGETS, SHIPPED_MODELS_DIR, ips_optimism_pct=-5))
 
 
 def test_the_guard_correction_holds_the_tpot_target_when_the_model_is_optimistic():
@@ -72,7 +71,9 @@ def test_the_guard_correction_holds_the_tpot_target_when_the_model_is_optimistic
     tight = SloTargets(tpot_s=0.025, ttft_s=2.0)
 
     def attainment(correct: bool) -> float:
-        built = build_policy("throttllem", policy_context(SETUP, tight, Path("models"), ips_optimism_pct=30))
+        built = build_policy(
+            "throttllem", policy_context(SETUP, tight, SHIPPED_MODELS_DIR, ips_optimism_pct=30)
+        )
         built.policy.correct = correct
         tpot = np.array(simulate(SETUP, built.policy, REQUESTS, length_predictor=built.lengths).tpot_s)
         return float(np.mean(tpot[~np.isnan(tpot)] <= tight.tpot_s))

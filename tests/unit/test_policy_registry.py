@@ -1,7 +1,6 @@
 """One policy registry for the sidecar and the simulator: one parser, clear errors, honest entries."""
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -17,12 +16,13 @@ from agent.policy_registry import (
     needs_limits,
     policy_syntax,
 )
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.sim.policies import policy_context
 from agent.twin.setup import TwinSetup
 
 SETUP = TwinSetup(gpu_spec("a100-sxm4-80gb"), model_spec("llama3-8b"))
 TARGETS = SloTargets(tpot_s=0.1, ttft_s=2.0)
-MODELS = Path("models")
+MODELS = SHIPPED_MODELS_DIR
 ENGINE = ServedEngine(SETUP.gpu, SETUP.model.name, SETUP.tp, MODELS)
 SIM = policy_context(SETUP, TARGETS, MODELS)
 LIVE = PolicyContext(ENGINE, TARGETS, limits=SIM.limits)  # as the sidecar builds: no exact time model

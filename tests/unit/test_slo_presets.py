@@ -8,6 +8,7 @@ import pytest
 
 from agent.catalog import MODELS
 from agent.domain import Slo
+from agent.shipped import SHIPPED_POLICIES_DIR
 from agent.slo_presets import (
     SloPresetError,
     attainment,
@@ -17,7 +18,7 @@ from agent.slo_presets import (
     resolve_e2e,
 )
 
-POLICIES = Path(__file__).resolve().parents[2] / "policies"
+POLICIES = SHIPPED_POLICIES_DIR
 SHIPPED = ("mlperf-server", "mlperf-interactive", "paper")
 
 

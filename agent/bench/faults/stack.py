@@ -38,6 +38,7 @@ from agent.bench.processes import (
 )
 from agent.bench.scrape import get_json, get_page
 from agent.gpus.twin import LOCK_PATH
+from agent.shipped import SHIPPED_MODELS_DIR
 from agent.twin.setup import TwinSetup
 
 POLL_S = 0.02
@@ -50,7 +51,7 @@ class StackConfig:
 
     setup: TwinSetup
     log_dir: Path
-    models_dir: Path = Path("models")
+    models_dir: Path = SHIPPED_MODELS_DIR
     locked_mhz: int = 0  # the clock the sidecar holds (policy static:<MHz>); 0: a low supported one
     poll_interval_ms: int = 50
     telemetry_stale_s: float = 1.0
