@@ -36,6 +36,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy agent/control agent/predict
 
 bench: setup
 	$(BIN)/throttllem bench sim --json

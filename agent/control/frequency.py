@@ -173,10 +173,10 @@ def lowest_feasible(
     if search == "bisect":
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            slack = float(min_slack(np.array([mid]))[0])
+            mid_slack = float(min_slack(np.array([mid]))[0])
             evaluations += 1
-            if slack >= 0:
-                hi, best = mid, slack
+            if mid_slack >= 0:
+                hi, best = mid, mid_slack
             else:
                 lo = mid
         return ClockChoice(hi, best, evaluations)

@@ -45,6 +45,11 @@ class ScoreboardView:
         return len(self.queued_ids)
 
 
+def _grown(array: np.ndarray, grow: int, fill: float) -> np.ndarray:
+    """`array` with `grow` more elements of `fill`, same dtype."""
+    return np.concatenate([array, np.full(grow, fill, dtype=array.dtype)])
+
+
 class Scoreboard:
     """Requests by slot; grows as needed, reuses freed slots."""
 
@@ -52,27 +57,33 @@ class Scoreboard:
         self._slot: dict[int, int] = {}
         self._free: list[int] = []
         self._arrivals = 0
+        self._state = np.zeros(0, dtype=np.int8)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._order = np.zeros(0, dtype=np.int64)  # arrival order, for FCFS
+        self._arrival = np.zeros(0, dtype=np.float64)
+        self._prompt = np.zeros(0, dtype=np.int64)
+        self._generated = np.zeros(0, dtype=np.int64)
+        self._predicted = np.zeros(0, dtype=np.int64)
+        self._max_tokens = np.zeros(0, dtype=np.int64)
+        self._first_token = np.zeros(0, dtype=np.float64)
+        self._decoding = np.zeros(0, dtype=np.bool_)
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
-        old = getattr(self, "_state", np.zeros(0, dtype=np.int8))
-        grow = capacity - len(old)
-
-        def extend(name: str, dtype: type, fill: float) -> None:
-            current = getattr(self, name, np.zeros(0, dtype=dtype))
-            setattr(self, name, np.concatenate([current, np.full(grow, fill, dtype=dtype)]))
-
-        extend("_state", np.int8, 0)
-        extend("_ids", np.int64, -1)
-        extend("_order", np.int64, 0)  # arrival order, for FCFS
-        extend("_arrival", np.float64, 0.0)
-        extend("_prompt", np.int64, 0)
-        extend("_generated", np.int64, 0)
-        extend("_predicted", np.int64, 1)
-        extend("_max_tokens", np.int64, 1)
-        extend("_first_token", np.float64, np.nan)
-        extend("_decoding", np.bool_, False)
-        self._free.extend(range(len(old), capacity)[::-1])
+        """Grow every slot array to `capacity`, new slots empty and free."""
+        old = len(self._state)
+        grow = capacity - old
+        self._state = _grown(self._state, grow, 0)
+        self._ids = _grown(self._ids, grow, -1)
+        self._order = _grown(self._order, grow, 0)
+        self._arrival = _grown(self._arrival, grow, 0.0)
+        self._prompt = _grown(self._prompt, grow, 0)
+        self._generated = _grown(self._generated, grow, 0)
+        self._predicted = _grown(self._predicted, grow, 1)
+        self._max_tokens = _grown(self._max_tokens, grow, 1)
+        self._first_token = _grown(self._first_token, grow, np.nan)
+        self._decoding = _grown(self._decoding, grow, False)
+        self._free.extend(range(old, capacity)[::-1])
 
     def __len__(self) -> int:
         return len(self._slot)
