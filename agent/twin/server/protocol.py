@@ -5,7 +5,8 @@ every key of `parameters` maps to the ensemble input of that name; other keys ar
 (Triton turns them into request parameters the model never reads). A key given in both places
 takes its top-level value. Scalars may also come as one-element lists (1-D tensors).
 
-Twin-only keys, harmless to a real Triton (they become ignored request parameters):
+Twin-only keys (`TWIN_KEYS`), harmless to a real Triton (they become ignored request
+parameters); a KServe infer request gives them in its `parameters`:
 
 - `prompt_tokens` (int >= 1): the prompt's length in tokens. Without it the twin estimates
   `ceil(len(text_input) / 4)`, at least 1, since it has no tokenizer.
@@ -13,44 +14,47 @@ Twin-only keys, harmless to a real Triton (they become ignored request parameter
   token; capped by `max_tokens`. Without it every request generates exactly `max_tokens`
   tokens (a live request's true length is unknown until it ends).
 
-Responses carry every output the ensemble produces plus `model_name`, `model_version` and the
-request's `id`, keys sorted (Triton builds them from a `std::map`), compact JSON. Generated
-text is synthetic: `TOKEN_TEXT` per token. Without `exclude_input_in_output` a non-streaming
+Responses carry every output the ensemble produces (`response_outputs`, shared with KServe
+infer) plus `model_name`, `model_version`, the request's `id` and the response parameters, keys
+sorted (Triton builds them from a `std::map`), compact JSON. Generated text is synthetic:
+`TOKEN_TEXT` per token. Without `exclude_input_in_output` a non-streaming
 answer starts with the prompt, as TRT-LLM's does; streamed chunks carry new tokens only.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 TOKEN_TEXT = " tok"  # the text of every generated token
 CHARS_PER_TOKEN = 4  # prompt length estimate when the request does not say
 MODEL_VERSION = "1"
+# Triton 2.45's extension list (`core:src/server.cc`) less what the twin does not serve:
+# classification, sequence, schedule_policy, system and CUDA shared memory, trace, logging.
 SERVER_METADATA = {
     "name": "triton",
     "version": "2.45.0",
     "extensions": [
-        "classification",
-        "sequence",
         "model_repository",
         "model_repository(unload_dependents)",
-        "schedule_policy",
         "model_configuration",
-        "system_shared_memory",
-        "cuda_shared_memory",
         "binary_tensor_data",
         "parameters",
         "statistics",
-        "trace",
-        "logging",
     ],
 }
 MULTIPLE_RESPONSES_ERROR = (
     "generate expects model to produce exactly 1 response, use generate stream for model that "
     "generates various number of responses"
 )
+# The TensorRT-LLM backend's refusal of `stream` when the model is not decoupled.
+STREAMING_NEEDS_DECOUPLED_ERROR = "Streaming is only supported if model is deployed using decoupled mode."
+# The twin-only keys: request parameters a real Triton ignores (see the module docstring).
+TWIN_KEYS = ("prompt_tokens", "output_tokens")
+# What every ensemble response carries besides its tensors (response parameters).
+RESPONSE_PARAMETERS: dict[str, object] = {"sequence_end": False, "sequence_id": 0, "sequence_start": False}
 
 # The ensemble's inputs and outputs: (name, datatype, dims without the batch dimension), from
 # `TensorRT-LLM:triton_backend/all_models/inflight_batcher_llm/ensemble/config.pbtxt@2a9abd9`
@@ -208,18 +212,34 @@ def estimate_prompt_tokens(text: str) -> int:
     return max(1, -(-len(text) // CHARS_PER_TOKEN))
 
 
-def parse_generate(body: bytes, model_name: str) -> GenerateParams:
-    """Validate one generate request body; raises BadRequestError with Triton-like messages."""
+def parse_json(body: bytes) -> object:
+    """A request body's JSON; BadRequestError, worded as Triton words it, when it is not JSON."""
     try:
-        document = json.loads(body)
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequestError(f"failed to parse the request JSON buffer: {exc}") from exc
+    except RecursionError as exc:  # nesting deeper than the parser recurses
+        raise BadRequestError("failed to parse the request JSON buffer: the JSON nests too deep") from exc
+
+
+def parse_generate(body: bytes, model_name: str) -> GenerateParams:
+    """Validate one generate request body; raises BadRequestError with Triton-like messages."""
+    document = parse_json(body)
     if not isinstance(document, dict):
         raise BadRequestError("failed to parse the request JSON buffer: expected a JSON object")
     parameters = document.get("parameters", {})
     if not isinstance(parameters, dict):
         raise BadRequestError("'parameters' must be a JSON object")
-    keys = {**parameters, **{k: v for k, v in document.items() if k != "parameters"}}
+    top_level = {k: v for k, v in document.items() if k != "parameters"}
+    return generate_params({**parameters, **top_level}, model_name)
+
+
+def generate_params(keys: Mapping[str, object], model_name: str) -> GenerateParams:
+    """What the twin takes from a request's inputs (by name), its `id` and the twin-only keys.
+
+    Shared by generate (the body's keys) and KServe infer (the input tensors, the request's
+    `id` and its parameters); raises BadRequestError.
+    """
     request_id = keys.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequestError(f"'id' must be a string, got {request_id!r}")
@@ -255,6 +275,55 @@ def parse_generate(body: bytes, model_name: str) -> GenerateParams:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    """One output tensor of an ensemble response, as KServe infer sends it."""
+
+    name: str
+    datatype: str  # KServe datatype, from ENSEMBLE_OUTPUTS
+    shape: tuple[int, ...]  # batch dimension first
+    values: tuple[object, ...]  # elements in row-major order
+
+
+def response_outputs(
+    params: GenerateParams, tokens: int, timing: ResponseTiming, *, streamed: bool
+) -> list[OutputTensor]:
+    """The tensors one response carries (`tokens` new tokens), in ENSEMBLE_OUTPUTS order.
+
+    Shapes are TensorRT-LLM's for one request and one beam: [batch, beam] for per-sequence
+    values, [batch, beam, tokens] for per-token log probs, the logits as one-element dummies
+    unless asked for. The optional outputs come only when the request asks for them.
+    """
+    text = TOKEN_TEXT * tokens
+    if not streamed and not params.exclude_input_in_output:
+        text = params.text_input + text
+    produced: dict[str, tuple[tuple[int, ...], tuple[object, ...]]] = {
+        "text_output": ((1, 1), (text,)),
+        "cum_log_probs": ((1, 1), (0.0,)),
+        "output_log_probs": ((1, 1, tokens), (0.0,) * tokens),
+        "context_logits": ((1, 1, 1), (0.0,)),
+        "generation_logits": ((1, 1, 1, 1), (0.0,)),
+        "batch_index": ((1, 1), (0,)),
+        "sequence_index": ((1, 1), (0,)),
+    }
+    if params.return_num_input_tokens:
+        produced["num_input_tokens"] = ((1, 1), (params.prompt_tokens,))
+    if params.return_num_output_tokens:
+        produced["num_output_tokens"] = ((1, 1), (tokens,))
+    if params.return_perf_metrics:
+        produced |= {
+            "arrival_time_ns": ((1, 1), (timing.arrival_ns,)),
+            "first_scheduled_time_ns": ((1, 1), (timing.first_scheduled_ns,)),
+            "first_token_time_ns": ((1, 1), (timing.first_token_ns,)),
+            "last_token_time_ns": ((1, 1), (timing.last_token_ns,)),
+        }
+    return [
+        OutputTensor(name, datatype, *produced[name])
+        for name, datatype, _ in ENSEMBLE_OUTPUTS
+        if name in produced
+    ]
+
+
 def response_body(
     model_name: str,
     params: GenerateParams,
@@ -263,35 +332,13 @@ def response_body(
     *,
     streamed: bool,
 ) -> str:
-    """One response carrying `tokens` new tokens (one streamed chunk, or the whole answer)."""
-    text = TOKEN_TEXT * tokens
-    if not streamed and not params.exclude_input_in_output:
-        text = params.text_input + text
-    body: dict[str, Any] = {
-        "batch_index": 0,
-        "context_logits": 0.0,
-        "cum_log_probs": 0.0,
-        "generation_logits": 0.0,
-        "model_name": model_name,
-        "model_version": MODEL_VERSION,
-        "output_log_probs": 0.0 if tokens == 1 else [0.0] * tokens,
-        "sequence_end": False,
-        "sequence_id": 0,
-        "sequence_index": 0,
-        "sequence_start": False,
-        "text_output": text,
-    }
+    """One generate response carrying `tokens` new tokens (one streamed chunk, or the whole answer).
+
+    Each output tensor is a key: a one-element tensor as its element, others as a flat list.
+    """
+    body: dict[str, Any] = {**RESPONSE_PARAMETERS, "model_name": model_name, "model_version": MODEL_VERSION}
     if params.request_id is not None:
         body["id"] = params.request_id
-    if params.return_num_input_tokens:
-        body["num_input_tokens"] = params.prompt_tokens
-    if params.return_num_output_tokens:
-        body["num_output_tokens"] = tokens
-    if params.return_perf_metrics:
-        body |= {
-            "arrival_time_ns": timing.arrival_ns,
-            "first_scheduled_time_ns": timing.first_scheduled_ns,
-            "first_token_time_ns": timing.first_token_ns,
-            "last_token_time_ns": timing.last_token_ns,
-        }
+    for tensor in response_outputs(params, tokens, timing, streamed=streamed):
+        body[tensor.name] = tensor.values[0] if len(tensor.values) == 1 else list(tensor.values)
     return dumps(body)
