@@ -366,7 +366,8 @@ def run_policy(
         tbt_weight=np.concatenate(
             [np.asarray(result.decode_tokens, float), np.ones(len(result.extra_gaps_s))]
         ),
-        tbt_target_s=slo.preset.tpot_s,
+        tpot_s=np.asarray(result.tpot_s, float),
+        tpot_target_s=slo.preset.tpot_s,
     )
 
 

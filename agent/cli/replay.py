@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.common import (
+    MODELS_DIR_HELP,
     CliError,
     add_clock_range_arg,
     add_setup_args,
@@ -112,11 +113,12 @@ def _print_groups(results: dict[str, Any], out: Path) -> None:
             ),
             rows,
         )
-    stdout().print(f"report: {out / 'report.md'}")
+    stdout().print(f"report: {out / 'report.md'} and {out / 'report.html'} (one page, plots embedded)")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Run every policy on the same arrivals at each load and write the report."""
+    from agent.bench.html_report import write_html_report
     from agent.bench.replay import ReplayConfig, plan_runs, replay, versions  # matplotlib: slow
     from agent.bench.report import write_report
 
@@ -163,7 +165,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         "versions": versions(),
         "wall_seconds": time.perf_counter() - started,
     }
-    results = write_report(args.out, outcome.runs, meta)
+    report = write_report(args.out, outcome.runs, meta)
+    write_html_report(args.out, report)
+    results = report.results
     if args.json:
         print_json(results)
     else:
@@ -183,7 +187,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     rep.add_argument(
         "--slo",
         default="mlperf-server",
-        help="SLO preset in policies/ (mlperf-server, mlperf-interactive, paper) or a TOML path",
+        help="SLO preset: a shipped name (mlperf-server, mlperf-interactive, paper) or a .toml path",
     )
     rep.add_argument(
         "--policies",
@@ -230,7 +234,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         default=PREDICTIVE_MAX_TOKENS,
         help="client max_tokens of every request, whatever the policy (default %(default)s)",
     )
-    rep.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    rep.add_argument("--models-dir", type=Path, default=settings.models_dir, help=MODELS_DIR_HELP)
     rep.add_argument(
         "--no-limits",
         action="store_true",
@@ -238,6 +242,12 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
     add_clock_range_arg(rep)
     add_pool_args(rep)
-    rep.add_argument("--out", type=Path, required=True, help="directory for results.json, report.md, PNGs")
+    rep.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory for results.json, report.md, report.html (one self-contained page) and PNGs; "
+        "with --sizes, the pool report (results.json, report.md, timeline.png)",
+    )
     rep.add_argument("--json", action="store_true", help="print results.json")
     rep.set_defaults(func=cmd_replay)

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.bench.replay import (
@@ -15,11 +16,18 @@ from agent.bench.replay import (
     find_peak,
     plan_runs,
     replay_slo,
+    run_policy,
     saturated_p99_e2e_s,
 )
+from agent.bench.report import PEAK, comparison_figures, tpot_attainment
 from agent.catalog import gpu_spec, model_spec
 from agent.cli import main
-from agent.slo_presets import load_slo_preset
+from agent.domain import Slo
+from agent.policy_registry import build_policy
+from agent.shipped import SHIPPED_MODELS_DIR
+from agent.sim.loop import simulate
+from agent.sim.policies import policy_context
+from agent.slo_presets import load_slo_preset, meets_slo
 from agent.twin.setup import TwinSetup
 from agent.workloads import load_trace
 
@@ -57,6 +65,8 @@ def test_replay_writes_results_report_and_plots(three_policies):
         assert plot in report
     rows = [line for line in report.splitlines() if line.startswith("| ") and "policy" not in line]
     assert [row.split(" | ")[0] for row in rows] == ["| max", "| static:1050", "| throttllem"]
+    page = (out / "report.html").read_text()  # the same report as one page, every plot embedded
+    assert page.count('<img src="data:image/png;base64,') == len(results["groups"][0]["plots"]) == 4
 
 
 def test_every_policy_replays_the_same_requests_for_different_energy(three_policies):
@@ -214,3 +224,39 @@ def test_errors_are_one_line(argv, message, tmp_path, capsys):
     assert main(["replay", *WINDOW, "--duration", "5", *argv, "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+def test_the_tpot_plot_gives_the_share_of_requests_meeting_the_tpot_target(tiny_window):
+    """On a simulated run: the TPOT CDF at the target is the per-request TPOT attainment."""
+    slo = replay_slo(load_slo_preset("mlperf-server", "llama3-8b"))
+    capacity = capacity_rate_scale(SETUP, tiny_window, CAP)
+    requests = tiny_window.scale_rate(capacity).requests(max_tokens=CAP)  # saturated: some misses
+    context = policy_context(SETUP, slo.targets, SHIPPED_MODELS_DIR)
+    record = run_policy(
+        build_policy("static:600", context),
+        SETUP,
+        requests,
+        slo,
+        trace="azure-conv",
+        load=None,
+        load_basis=PEAK,
+        length_error=None,
+        rate_scale=capacity,
+        capacity_rate_scale=capacity,
+    )
+    # The independent answer: the SLO module's own per-request check, TPOT target only.
+    result = simulate(SETUP, build_policy("static:600", context).policy, requests)
+    tokens = np.asarray(result.output_tokens)
+    met = meets_slo(Slo(None, slo.preset.tpot_s, None), result.ttft_s, result.tpot_s, result.e2e_s, tokens)[
+        tokens > 1
+    ]
+    expected = float(met.mean())
+    assert 0.3 < expected < 0.95  # misses and hits both, so the share is a real test
+
+    (ax,) = comparison_figures([record], "test")["tpot_cdf"].axes
+    (curve,) = [line for line in ax.get_lines() if line.get_label().startswith("static:600")]
+    xs, ys = np.asarray(curve.get_xdata()), np.asarray(curve.get_ydata())
+    at_target = ys[np.searchsorted(xs, slo.preset.tpot_s * 1e3, side="right") - 1]
+    assert at_target == pytest.approx(expected)
+    assert tpot_attainment(record) == pytest.approx(expected)
+    assert f"{expected:.1%} within target" in curve.get_label()
