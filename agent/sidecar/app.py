@@ -43,7 +43,8 @@ from agent.sidecar.energy import EnergySampler
 from agent.sidecar.http_api import build_admin_app, build_sidecar_app
 from agent.sidecar.loop import ControlLoop, LoopConfig, PolicyBuilder
 from agent.sidecar.metrics import SidecarMetrics
-from agent.sidecar.spans import DecisionSpans
+from agent.sidecar.request_energy import RequestEnergyLedger
+from agent.sidecar.spans import DecisionSpans, RequestSpans
 from agent.sidecar.tracker import RequestTracker
 from agent.slo_presets import control_targets, load_slo_preset
 from agent.telemetry import Tracing, setup_tracing
@@ -172,8 +173,11 @@ async def build_sidecar(settings: Settings, tracing: Tracing, stack: contextlib.
         await actuator.close()
         raise
     gpu = dataclasses.replace(GPUS[settings.gpu], sm_clocks_mhz=clocks)  # the device's own clock list
+    # Per-request energy needs both the meter's energy and the gateway's view of each request.
+    ledger = RequestEnergyLedger() if meter is not None and settings.gateway_port else None
+    request_spans = None if ledger is None else RequestSpans(ledger)
     tracker = RequestTracker(
-        MaxTokensPredictor(), max_held=settings.hold_queue_max, max_hold_s=settings.max_hold_s
+        MaxTokensPredictor(), max_held=settings.hold_queue_max, max_hold_s=settings.max_hold_s, energy=ledger
     )
     loop = ControlLoop(
         adapter=adapter,
@@ -190,12 +194,16 @@ async def build_sidecar(settings: Settings, tracing: Tracing, stack: contextlib.
         ),
     )
     stack.push_async_callback(loop.shutdown)
-    gateway_app, gateway = build_gateway(settings, tracker, tracing)
-    energy = EnergySampler(meter)
+    gateway_app, gateway = build_gateway(settings, tracker, tracing, request_spans)
+    energy = EnergySampler(meter, ledger=ledger)
     info = {"engine": settings.engine, "gpu": settings.gpu, "model": settings.model, "tp": str(settings.tp)}
     metrics = SidecarMetrics(loop, tracker, energy, info, gateway=gateway)
     loop.add_observer(metrics.observe)
     loop.add_observer(DecisionSpans(tracing.provider.get_tracer(__name__), settings.trace_sample_every))
+    if ledger is not None and request_spans is not None:
+        energy.add_observer(metrics.add_request_energy(ledger, settings.energy_max_tenants))
+        energy.add_observer(request_spans.settle)
+        stack.callback(request_spans.end_all)  # before tracing shuts down: no parked span is lost
     log.info(
         "engine %s at %s; actuator %s; meter %s; policy %s; SLO %s; gateway %s",
         settings.engine,
@@ -212,7 +220,7 @@ async def build_sidecar(settings: Settings, tracing: Tracing, stack: contextlib.
 
 
 def build_gateway(
-    settings: Settings, tracker: RequestTracker, tracing: Tracing
+    settings: Settings, tracker: RequestTracker, tracing: Tracing, request_spans: RequestSpans | None = None
 ) -> tuple[web.Application | None, Gateway | None]:
     """The gateway app when a gateway port is set, and the gateway (its counters feed /metrics)."""
     if not settings.gateway_port:
@@ -235,6 +243,8 @@ def build_gateway(
             max_connections=settings.gateway_max_connections,
             allow_paths=tuple(allow.split(",")) if allow else (),
         ),
+        tenant_header=settings.energy_tenant_header,
+        request_spans=request_spans,
     )
     return build_gateway_app(gateway), gateway
 
@@ -339,7 +349,10 @@ async def start_listeners(
     settings = sidecar.settings
     ports: dict[str, Any] = {
         "sidecar_port": await serve_on(
-            build_sidecar_app(sidecar.loop, sidecar.metrics), sockets.sidecar, stack, access_log=None
+            build_sidecar_app(sidecar.loop, sidecar.metrics, sidecar.energy.ledger),
+            sockets.sidecar,
+            stack,
+            access_log=None,
         ),
         "gateway_port": None,
         "admin_port": None,

@@ -18,6 +18,11 @@ generate_stream and infer; OpenAI completions and chat completions) it:
    token and every later one to the tracker;
 6. finishes the ticket exactly once, whatever happened (try/finally).
 
+Every answer to a request that got a ticket carries `X-Throttllem-Request-Id`, an opaque random
+id: the sidecar port's `GET /v1/requests/{id}/energy` answers that request's energy. With
+per-request energy on, the request's span ends at the next meter reading, at its completion
+time, with the energy as an attribute (`spans.RequestSpans`).
+
 Only the inference API goes through (`paths`: health, metadata and model readiness untracked,
 `THROTTLLEM_GATEWAY_ALLOW_PATHS` for more); their bodies obey the same limits, answers stream.
 The listener itself caps connections and times request heads (`connections`).
@@ -51,10 +56,11 @@ import asyncio
 import enum
 import logging
 import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -84,8 +90,12 @@ from agent.sidecar.llm_protocol import (
 )
 from agent.sidecar.paths import PathPolicy, Verdict
 from agent.sidecar.prompt_tokens import PromptTokenCounter
+from agent.sidecar.request_energy import label_value
 from agent.sidecar.sse import SseParser
 from agent.sidecar.tracker import HoldQueueFullError, RequestTracker, Ticket
+
+if TYPE_CHECKING:
+    from agent.sidecar.spans import RequestSpans
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +106,7 @@ CONNECT_TIMEOUT_S = 10.0  # a black-holed upstream fails fast instead of after r
 SHUTDOWN_RETRY_AFTER_S = 1.0
 BINARY_HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe v2 binary tensor extension
 BODY_WAIT_S = 1.0  # a body that finds the body budget spent waits this long for room, then 503
+REQUEST_ID_HEADER = "X-Throttllem-Request-Id"  # the ticket's opaque id, on every answer that has one
 
 # RFC 9110 §7.6.1, plus the proxy-authentication pair and Trailer of RFC 2616 §13.5.1.
 HOP_BY_HOP = frozenset(
@@ -124,6 +135,7 @@ ATTR_MAX_TOKENS = "gen_ai.request.max_tokens"
 ATTR_PROMPT_TOKENS = "gen_ai.usage.input_tokens"  # the gateway's count (tokenizer or estimate)
 ATTR_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 ATTR_REQUEST_ID = "throttllem.request_id"  # the tracker's id, as the control loop sees it
+ATTR_PUBLIC_ID = "throttllem.request.id"  # the id the client got in X-Throttllem-Request-Id
 ATTR_HELD_S = "throttllem.held_s"  # arrival to admission
 ATTR_TTFT_S = "throttllem.ttft_s"  # arrival at the gateway (hold included) to the first token
 ATTR_OUTCOME = "throttllem.outcome"
@@ -236,6 +248,8 @@ class Gateway:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         tracer_provider: trace.TracerProvider | None = None,
         limits: GatewayLimits | None = None,
+        tenant_header: str | None = None,
+        request_spans: RequestSpans | None = None,
     ) -> None:
         upstream = URL(upstream_url)
         if not upstream.absolute or upstream.scheme not in ("http", "https"):
@@ -247,6 +261,8 @@ class Gateway:
         self.prompt_tokens = prompt_tokens
         self.request_timeout_s = request_timeout_s
         self.default_max_tokens = default_max_tokens
+        self.tenant_header = tenant_header  # its value labels the request's energy by tenant
+        self.request_spans = request_spans  # None: spans end with their request
         self.stats = GatewayStats()
         self._session = client_session
         self._owns_session = client_session is None
@@ -315,6 +331,7 @@ class Gateway:
             attributes={ATTR_ROUTE: route.path, ATTR_METHOD: request.method},
             record_exception=False,
             set_status_on_exception=False,
+            end_on_exit=False,
         ) as span:
             self._enter()
             try:
@@ -328,7 +345,17 @@ class Gateway:
                 raise
             finally:
                 self._leave()
-                self._record(exchange, span)
+                try:
+                    self._record(exchange, span)
+                finally:
+                    self._end_span(exchange, span)
+
+    def _end_span(self, exchange: _Exchange, span: Span) -> None:
+        """Now, or once the request's energy is final (at this completion time)."""
+        if self.request_spans is None or exchange.ticket is None:
+            span.end()
+        else:
+            self.request_spans.park(exchange.ticket.public_id, span, time.time_ns())
 
     async def _read_admit_forward(
         self, request: web.Request, exchange: _Exchange, span: Span
@@ -380,8 +407,14 @@ class Gateway:
         self, request: web.Request, body: BufferedBody, exchange: _Exchange
     ) -> web.StreamResponse:
         assert exchange.facts is not None  # read before admission
+        tenant = request.headers.get(self.tenant_header) if self.tenant_header else None
         try:
-            ticket = self.tracker.arrive(exchange.facts.prompt_tokens, exchange.facts.max_tokens)
+            ticket = self.tracker.arrive(
+                exchange.facts.prompt_tokens,
+                exchange.facts.max_tokens,
+                model=label_value(exchange.facts.model),
+                tenant=label_value(tenant),
+            )
         except HoldQueueFullError as exc:
             return await self._refuse(request, exchange, _RefusalError(429, str(exc), exc.retry_after_s))
         exchange.ticket = ticket
@@ -434,6 +467,7 @@ class Gateway:
         """502 or 504 in the route's error shape."""
         exchange.status = exc.status
         response = _error_response(exchange.route.api, exc.status, str(exc))
+        _identify(response.headers, exchange)
         await _deliver(request, response)
         return response
 
@@ -468,9 +502,8 @@ class Gateway:
                 self._report(exchange, tokens.event(event), streamed=True)
             exchange.whole = tokens.done
 
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=response_headers(upstream, True)
-        )
+        headers = _identify(response_headers(upstream, True), exchange)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         outcome = await self._pump(request, upstream, response, count)
         if outcome is Outcome.CLIENT_DISCONNECTED and exchange.whole:
             outcome = Outcome.OK  # e.g. the openai SDK closes right after `data: [DONE]`
@@ -498,7 +531,7 @@ class Gateway:
             status=upstream.status,
             reason=upstream.reason,
             body=body,
-            headers=response_headers(upstream, True),
+            headers=_identify(response_headers(upstream, True), exchange),
         )
         delivered = await _deliver(request, response)
         return response, Outcome.OK if delivered else Outcome.CLIENT_DISCONNECTED
@@ -530,6 +563,7 @@ class Gateway:
         ticket = exchange.ticket
         if ticket is not None:
             attributes[ATTR_REQUEST_ID] = ticket.request_id
+            attributes[ATTR_PUBLIC_ID] = ticket.public_id
             if ticket.admitted_s is not None:
                 attributes[ATTR_HELD_S] = ticket.admitted_s - ticket.arrival_s
             if ticket.first_token_s is not None:
@@ -755,6 +789,13 @@ def response_headers(upstream: aiohttp.ClientResponse, drop_length: bool) -> CIM
     headers = without_hop_by_hop(upstream.headers)
     if drop_length:
         headers.popall("Content-Length", None)
+    return headers
+
+
+def _identify(headers: CIMultiDict[str], exchange: _Exchange) -> CIMultiDict[str]:
+    """`headers` with the request's opaque id (replacing any the upstream sent)."""
+    if exchange.ticket is not None:
+        headers[REQUEST_ID_HEADER] = exchange.ticket.public_id
     return headers
 
 

@@ -1,10 +1,14 @@
-"""The sidecar's own HTTP port (/healthz, /readyz, /metrics) and its optional admin API.
+"""The sidecar's own HTTP port (/healthz, /readyz, /metrics, request energy) and its optional admin API.
 
 - `/healthz`: the process and its event loop are alive (liveness).
 - `/readyz`: 200 while the sidecar steers with fresh telemetry and a working GPU, else 503; the
   JSON body says why. It reports the *controller*: the gateway serves either way, so wire it to
   alerts or a readiness gate of the sidecar alone, not to the pod's traffic.
 - `/metrics`: Prometheus text format (`agent.sidecar.metrics`).
+- `GET /v1/requests/{id}/energy`: the energy of the request the gateway answered with
+  `X-Throttllem-Request-Id: {id}` — 200 `{"request_id", "energy_j", "tokens", "final"}`, 404
+  `{"error"}` for an id unknown (never seen, or forgotten past the last 10,000 finished), 400
+  `{"error"}` for one that is not 32 hex digits. The ids are random: only who got one can ask.
 
 The admin API (`GET /admin/state`, `POST /admin/policy {"policy": "<spec>"}`) changes what the
 GPU does, so it is off by default and the app serves it on its own listener bound to 127.0.0.1.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +28,9 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
 
 from agent.sidecar.loop import ControlLoop, LoopStatus
 from agent.sidecar.metrics import SidecarMetrics
+from agent.sidecar.request_energy import RequestEnergyLedger
+
+REQUEST_ID = re.compile(r"[0-9a-fA-F]{32}")  # what `secrets.token_hex(16)` makes (the tracker)
 
 
 def status_json(status: LoopStatus) -> dict[str, Any]:
@@ -37,8 +45,10 @@ def status_json(status: LoopStatus) -> dict[str, Any]:
     }
 
 
-def build_sidecar_app(loop: ControlLoop, metrics: SidecarMetrics) -> web.Application:
-    """Health, readiness and metrics."""
+def build_sidecar_app(
+    loop: ControlLoop, metrics: SidecarMetrics, request_energy: RequestEnergyLedger | None = None
+) -> web.Application:
+    """Health, readiness, metrics and (without a ledger: 404 for every id) per-request energy."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -53,10 +63,29 @@ def build_sidecar_app(loop: ControlLoop, metrics: SidecarMetrics) -> web.Applica
         response.headers["Content-Type"] = CONTENT_TYPE_PLAIN_0_0_4
         return response
 
+    async def energy(request: web.Request) -> web.Response:
+        request_id = request.match_info["request_id"]
+        if not REQUEST_ID.fullmatch(request_id):
+            return web.json_response({"error": "a request id is 32 hexadecimal digits"}, status=400)
+        if request_energy is None:
+            message = "unknown request id: per-request energy is off (no meter, or no gateway)"
+            return web.json_response({"error": message}, status=404)
+        known = request_energy.lookup(request_id.lower())
+        if known is None:
+            return web.json_response({"error": "unknown request id"}, status=404)
+        body = {
+            "request_id": known.request_id,
+            "energy_j": known.energy_j,
+            "tokens": known.tokens,
+            "final": known.final,
+        }
+        return web.json_response(body)
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/v1/requests/{request_id:[^/]*}/energy", energy)
     return app
 
 

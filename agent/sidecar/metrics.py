@@ -8,7 +8,7 @@ rather than exported as 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -22,6 +22,7 @@ from prometheus_client.metrics_core import (
 
 from agent.sidecar.energy import EnergySampler
 from agent.sidecar.loop import ControlLoop, DecisionRecord
+from agent.sidecar.request_energy import LabelCap, RequestEnergy, RequestEnergyLedger
 from agent.sidecar.tracker import RequestTracker
 from agent.sidecar.watchdog import ActuatorMode, LoopMode
 
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
 # A decision takes ~0.1-2 ms (make bench): buckets resolve the sub-millisecond range.
 DECISION_BUCKETS_S = (50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 50e-3, 0.1)
+# A request's energy: ~0.1 J (a few tokens in a full batch) to ~10 kJ (minutes alone on a TP8
+# engine); half-decade steps keep the series few, since model and tenant multiply them.
+REQUEST_ENERGY_BUCKETS_J = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4)
 
 
 class SidecarMetrics:
@@ -63,9 +67,39 @@ class SidecarMetrics:
         """Loop observer: count the decision's latency."""
         self.decision_seconds.observe(record.decision_s)
 
+    def add_request_energy(self, ledger: RequestEnergyLedger, max_label_values: int) -> RequestEnergyMetrics:
+        """Export per-request energy: its histogram and totals; the histogram's energy observer."""
+        self.registry.register(_RequestEnergyCollector(ledger))
+        return RequestEnergyMetrics(self.registry, max_label_values)
+
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+class RequestEnergyMetrics:
+    """`throttllem_request_energy_joules{model, tenant}`, observed as each request's energy is final.
+
+    `model` and `tenant` each take at most `max_label_values` distinct values; later ones are
+    reported as "other", so hostile clients cannot grow the series without bound.
+    """
+
+    def __init__(self, registry: CollectorRegistry, max_label_values: int) -> None:
+        self.histogram = Histogram(
+            "throttllem_request_energy_joules",
+            "GPU energy charged to each request, in proportion to its tokens, once final",
+            ["model", "tenant"],
+            buckets=REQUEST_ENERGY_BUCKETS_J,
+            registry=registry,
+        )
+        self._models, self._tenants = LabelCap(max_label_values), LabelCap(max_label_values)
+
+    def __call__(self, settled: Sequence[RequestEnergy]) -> None:
+        """Energy observer: one sample per request that processed tokens."""
+        for energy in settled:
+            if energy.tokens > 0:
+                labels = self._models.label(energy.model), self._tenants.label(energy.tenant)
+                self.histogram.labels(*labels).observe(energy.energy_j)
 
 
 class _SnapshotCollector:
@@ -259,6 +293,26 @@ class _GatewayCollector:
                 "Connections closed because a request head took longer than its timeout",
                 value=connections.header_timeouts,
             )
+
+
+class _RequestEnergyCollector:
+    """The meter's energy as charged to requests, and what no request was charged (idle)."""
+
+    def __init__(self, ledger: RequestEnergyLedger) -> None:
+        self._ledger = ledger
+
+    def collect(self) -> Iterator[Metric]:
+        """Both totals, from the ledger."""
+        yield CounterMetricFamily(
+            "throttllem_energy_attributed_joules",
+            "GPU energy charged to requests in proportion to their tokens",
+            value=self._ledger.attributed_j,
+        )
+        yield CounterMetricFamily(
+            "throttllem_energy_idle_joules",
+            "GPU energy of meter intervals in which no request processed a token",
+            value=self._ledger.idle_j,
+        )
 
 
 def _gauge(name: str, documentation: str, decision: DecisionRecord | None, field: str) -> GaugeMetricFamily:

@@ -1,18 +1,27 @@
-"""One OpenTelemetry span per control decision, sampled so a 10 Hz loop does not flood the collector.
+"""Spans of the sidecar: one per control decision, sampled; gateway request spans ended with their energy.
 
 Every decision that changed the clock is exported, and one in `every` of the rest (the first
 included). The span covers `policy.decide` exactly: it is built from the decision's own record
 (start and duration), after the fact, so tracing adds nothing to the decision's latency.
+
+A gateway request's energy is final only at the first meter reading after it finished, so with
+per-request energy on, its span is parked (`RequestSpans`) until then and ended with its real
+completion time: the span's duration is the request's, and it carries the energy.
 """
 
 from __future__ import annotations
 
-from opentelemetry.trace import Tracer
+from collections.abc import Sequence
+
+from opentelemetry.trace import Span, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from agent.sidecar.loop import DecisionRecord
+from agent.sidecar.request_energy import RequestEnergy, RequestEnergyLedger
 
 SPAN_NAME = "throttllem.decision"
+ATTR_REQUEST_ENERGY_J = "throttllem.request.energy_j"  # joules charged to the request (final)
+ATTR_REQUEST_TOKENS = "throttllem.request.tokens"  # prompt and output tokens it was charged for
 
 
 def decision_attributes(record: DecisionRecord) -> dict[str, AttributeValue]:
@@ -56,3 +65,45 @@ class DecisionSpans:
             SPAN_NAME, start_time=record.wall_ns, attributes=decision_attributes(record)
         )
         span.end(end_time=record.wall_ns + round(record.decision_s * 1e9))
+
+
+class RequestSpans:
+    """Gateway request spans waiting for their energy: ended when it is final, at completion time.
+
+    Bounded as the ledger's finished requests are: each one parked is ended when the ledger
+    settles it (at the next meter reading, or after `settle_within_s` at the latest).
+    """
+
+    def __init__(self, ledger: RequestEnergyLedger) -> None:
+        self._ledger = ledger
+        self._parked: dict[str, tuple[Span, int]] = {}  # public id -> (span, completion wall ns)
+
+    def __len__(self) -> int:
+        """Spans waiting for their energy."""
+        return len(self._parked)
+
+    def park(self, request_id: str, span: Span, end_ns: int) -> None:
+        """Hold `span` (its request completed at `end_ns`) until the request's energy is final."""
+        known = self._ledger.lookup(request_id)
+        if known is not None and known.final:
+            _end(span, end_ns, known)
+        else:
+            self._parked[request_id] = (span, end_ns)
+
+    def settle(self, settled: Sequence[RequestEnergy]) -> None:
+        """Energy observer: end the spans of the requests whose energy became final."""
+        for energy in settled:
+            parked = self._parked.pop(energy.request_id, None)
+            if parked is not None:
+                _end(*parked, energy)
+
+    def end_all(self) -> None:
+        """On shutdown: end every parked span, without energy (it will never be final)."""
+        parked, self._parked = self._parked, {}
+        for span, end_ns in parked.values():
+            span.end(end_time=end_ns)
+
+
+def _end(span: Span, end_ns: int, energy: RequestEnergy) -> None:
+    span.set_attributes({ATTR_REQUEST_ENERGY_J: energy.energy_j, ATTR_REQUEST_TOKENS: energy.tokens})
+    span.end(end_time=end_ns)

@@ -12,6 +12,8 @@ A request the policy has not admitted yet waits here, bounded in number and in t
   before it reads a body, so a full queue costs no memory.
 
 Times come from the injected `clock` (monotonic seconds), the same clock the loop decides with.
+With an `energy` ledger the tracker also reports each request's tokens to it (prompt tokens with
+the first output token, when prefill is done), so energy can be charged per request.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from agent.control.scoreboard import Scoreboard, ScoreboardView
 from agent.domain import Request
 from agent.predict.lengths import LengthPredictor
+from agent.sidecar.request_energy import RequestEnergyLedger
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class Ticket:
     prompt_tokens: int
     max_tokens: int
     admitted: asyncio.Future[None] = field(repr=False)
+    public_id: str = field(default_factory=lambda: secrets.token_hex(16))  # opaque, for the client
     admitted_s: float | None = None
     first_token_s: float | None = None
     tokens: int = 0
@@ -75,8 +80,10 @@ class RequestTracker:
         max_hold_s: float = 5.0,
         retry_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        energy: RequestEnergyLedger | None = None,
     ) -> None:
         self.lengths = lengths
+        self.energy = energy  # told of every request's tokens, when energy is charged per request
         self.max_held = max_held
         self.max_hold_s = max_hold_s
         self.retry_after_s = retry_after_s
@@ -104,8 +111,11 @@ class RequestTracker:
             self.counters.rejected += 1
             raise HoldQueueFullError(len(self._held), self.retry_after_s)
 
-    def arrive(self, prompt_tokens: int, max_tokens: int) -> Ticket:
-        """Register a request; it is admitted at once unless the loop gates admission."""
+    def arrive(self, prompt_tokens: int, max_tokens: int, *, model: str = "", tenant: str = "") -> Ticket:
+        """Register a request; it is admitted at once unless the loop gates admission.
+
+        `model` and `tenant` label its energy (already cut to label length).
+        """
         self.check_room()
         now = self.clock()
         request_id = next(self._ids)
@@ -117,6 +127,8 @@ class RequestTracker:
         self._tickets[request_id] = ticket
         self._held[request_id] = ticket
         self.counters.arrived += 1
+        if self.energy is not None:
+            self.energy.open(ticket.public_id, model, tenant)
         if not self.gating:
             self._admit(ticket, now)
         return ticket
@@ -153,12 +165,16 @@ class RequestTracker:
             ticket.first_token_s = self.clock()
             ticket.tokens = 1
             self._board.first_token(ticket.request_id, ticket.first_token_s)
+            if self.energy is not None:  # prefill is done: the prompt's tokens count now
+                self.energy.add_tokens(ticket.public_id, ticket.prompt_tokens + 1)
 
     def add_tokens(self, ticket: Ticket, tokens: int) -> None:
         """More output tokens streamed (after the first)."""
         if tokens > 0 and ticket.request_id in self._tickets:
             ticket.tokens += tokens
             self._board.add_tokens(ticket.request_id, tokens)
+            if self.energy is not None:
+                self.energy.add_tokens(ticket.public_id, tokens)
 
     def finish(self, ticket: Ticket, ok: bool) -> None:
         """The request completed (`ok`) or failed; forget it."""
@@ -168,6 +184,8 @@ class RequestTracker:
         if held is not None and not held.admitted.done():
             held.admitted.cancel()
         self._board.finish(ticket.request_id)
+        if self.energy is not None:
+            self.energy.finish(ticket.public_id, self.clock())
         if ok:
             self.counters.completed += 1
         else:

@@ -16,6 +16,7 @@ from agent.gpus.base import check_supported_clock
 from agent.policy_registry import BuiltPolicy, PolicySpec
 from agent.predict.lengths import MaxTokensPredictor
 from agent.sidecar.loop import ControlLoop, LoopConfig
+from agent.sidecar.request_energy import RequestEnergyLedger
 from agent.sidecar.tracker import RequestTracker
 from agent.twin.iteration_stats import InflightBatchingStats, IterationStats, KvCacheStats, to_executor_json
 
@@ -115,6 +116,27 @@ class FakeActuator:
         self.calls.append((kind, mhz))
 
 
+class FakeMeter:
+    """All GPUs of the engine: `energy_j` is what the test says; raises while `failing`."""
+
+    name = "fake-meter"
+
+    def __init__(self, energy_j: float = 1000.0) -> None:
+        self.energy_j_now = energy_j
+        self.failing = False
+
+    async def energy_j(self) -> float:
+        if self.failing:
+            raise RuntimeError("meter unreachable")
+        return self.energy_j_now
+
+    async def power_w(self) -> float:
+        return 300.0
+
+    async def close(self) -> None:
+        pass
+
+
 @dataclass
 class ScriptedPolicy:
     """Decides the clocks in `clocks` in turn (the last one repeats); raises `error` once when set."""
@@ -160,10 +182,17 @@ class Rig:
     builder: Builder
 
 
-def rig(policy: object, *, gates: bool = False, spec: str = "scripted", **config: float) -> Rig:
+def rig(
+    policy: object,
+    *,
+    gates: bool = False,
+    spec: str = "scripted",
+    energy: RequestEnergyLedger | None = None,
+    **config: float,
+) -> Rig:
     clock = FakeClock()
     adapter, actuator = FakeAdapter(), FakeActuator()
-    tracker = RequestTracker(MaxTokensPredictor(), clock=clock, max_hold_s=60.0)
+    tracker = RequestTracker(MaxTokensPredictor(), clock=clock, max_hold_s=60.0, energy=energy)
     builder = Builder(policy, gates)
     loop = ControlLoop(
         adapter=adapter,

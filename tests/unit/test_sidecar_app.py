@@ -128,29 +128,45 @@ def test_gateway_serves_through_the_sidecar_and_feeds_the_tracker():
             gateway_port=free_port(),
             admin_enabled=True,
             admin_port=0,
+            meter="twin",
+            energy_tenant_header="X-Tenant",
         )
         task = asyncio.create_task(serve(config, stop, announced.put_nowait))
         ports = await asyncio.wait_for(announced.get(), 10)
         gateway = f"http://127.0.0.1:{ports['gateway_port']}"
+        sidecar = f"http://127.0.0.1:{ports['sidecar_port']}"
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{gateway}/v2/health/ready") as resp:
                 assert resp.status == 200 and await resp.text() == "ready"
             body = {"model": "m", "prompt": "hello there", "max_tokens": 3}
-            async with session.post(f"{gateway}/v1/completions", json=body) as resp:
+            async with session.post(
+                f"{gateway}/v1/completions", json=body, headers={"X-Tenant": "acme"}
+            ) as resp:
                 assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == " one two three"
+                request_id = resp.headers["X-Throttllem-Request-Id"]
+
+            async def final() -> bool:  # at the sampler's next reading (once a second)
+                async with session.get(f"{sidecar}/v1/requests/{request_id}/energy") as resp:
+                    energy.update(await resp.json())
+                return energy["final"]
+
+            energy: dict = {}
+            await until(final)
             async with session.get(f"http://127.0.0.1:{ports['admin_port']}/admin/state") as resp:
                 requests = (await resp.json())["requests"]
-            async with session.get(f"http://127.0.0.1:{ports['sidecar_port']}/metrics") as resp:
+            async with session.get(f"{sidecar}/metrics") as resp:
                 metrics = await resp.text()
         stop.set()
         await asyncio.wait_for(task, 15)
         await engine.cleanup()
         await twin.cleanup()
-        return requests, metrics, gpu
+        return requests, metrics, gpu, energy
 
-    requests, metrics, gpu = asyncio.run(scenario())
+    requests, metrics, gpu, energy = asyncio.run(scenario())
     assert requests["admitted"] == 1 and requests["completed"] == 1 and requests["held"] == 0
     assert "throttllem_requests_completed_total 1.0" in metrics
+    assert energy["tokens"] == 3 + 3 and energy["energy_j"] > 0  # prompt ~11 chars / 4, then 3 output
+    assert f'throttllem_request_energy_joules_sum{{model="m",tenant="acme"}} {energy["energy_j"]}' in metrics
     assert gpu.locked is None
 
 

@@ -11,9 +11,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from agent.config import Settings
 from agent.sidecar.loop import DecisionRecord
-from agent.sidecar.spans import SPAN_NAME, DecisionSpans
+from agent.sidecar.request_energy import RequestEnergyLedger
+from agent.sidecar.spans import (
+    ATTR_REQUEST_ENERGY_J,
+    ATTR_REQUEST_TOKENS,
+    SPAN_NAME,
+    DecisionSpans,
+    RequestSpans,
+)
 from agent.telemetry import setup_tracing
 
+START_NS = 1_700_000_000_000_000_000
 OTEL_VARS = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -153,3 +161,36 @@ def test_decisions_are_sampled_but_every_clock_change_is_kept():
     # 1 in 4 of the unchanged (the 1st, 5th, 9th decision) plus the two changes (6th, 7th).
     assert len(exported) == 5
     assert sum(span.attributes["throttllem.clock_changed"] for span in exported) == 2
+
+
+def test_a_request_span_carries_its_energy_and_ends_at_its_completion_time(monkeypatch):
+    async def scenario():
+        receiver = Receiver()
+        app = web.Application()
+        app.router.add_post("/v1/traces", receiver.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{runner.addresses[0][1]}")
+        tracing = setup_tracing(Settings())
+        ledger = RequestEnergyLedger()
+        spans = RequestSpans(ledger)
+        ledger.tick(100.0, 0.0)
+        request_id = "ab" * 16
+        ledger.open(request_id, "llama", "")
+        span = tracing.provider.get_tracer("test").start_span("POST /v1/completions", start_time=START_NS)
+        ledger.add_tokens(request_id, 10)
+        ledger.finish(request_id, 1.0)
+        spans.park(request_id, span, START_NS + 1_500_000_000)
+        parked = len(spans)
+        spans.settle(ledger.tick(112.5, 2.0))
+        await asyncio.to_thread(tracing.shutdown)
+        await runner.cleanup()
+        return receiver, parked, len(spans)
+
+    receiver, parked, left = asyncio.run(scenario())
+    assert (parked, left) == (1, 0)  # held until its energy was final, then ended
+    ((_, span),) = receiver.spans()
+    attrs = attributes(span.attributes)
+    assert attrs[ATTR_REQUEST_ENERGY_J] == 12.5 and attrs[ATTR_REQUEST_TOKENS] == 10
+    assert (span.start_time_unix_nano, span.end_time_unix_nano) == (START_NS, START_NS + 1_500_000_000)
