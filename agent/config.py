@@ -49,7 +49,8 @@ def env_name(field: str) -> str:
 
 
 def _problem(field: str, value: Any, message: str) -> str:
-    return f"{env_name(field)}={value!r}: {message}"
+    """One problem, naming the variable and its value; None reads as unset, which is what it means."""
+    return f"{env_name(field)}{' is unset' if value is None else f'={value!r}'}: {message}"
 
 
 def in_catalog(value: str, info: ValidationInfo) -> str:
@@ -82,6 +83,17 @@ def host_name(value: str) -> str:
     except ValueError:
         if not _DNS_NAME.fullmatch(value):
             raise ValueError("must be a DNS name (letters, digits, '-', '.') or an IP address") from None
+    return value
+
+
+# An HTTP field name is a token (RFC 9110 §5.1, §5.6.2); 256 characters is far beyond any in use.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}")
+
+
+def header_name(value: str) -> str:
+    """An HTTP header name (a token: letters, digits and !#$%&'*+-.^_`|~), refused otherwise."""
+    if not _HEADER_NAME.fullmatch(value):
+        raise ValueError("must be an HTTP header name: letters, digits and !#$%&'*+-.^_`|~, e.g. X-Tenant")
     return value
 
 
@@ -247,6 +259,18 @@ class Settings(BaseSettings):
     trace_sample_every: int = Field(
         50, ge=1, description="export one decision span in this many (every clock change is exported)"
     )
+    energy_tenant_header: str | None = Field(
+        None,
+        description="request header whose value (cut to 64 characters) is the tenant label of "
+        'throttllem_request_energy_joules, e.g. X-Tenant; unset: tenant=""',
+    )
+    energy_max_tenants: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="distinct tenant label values of throttllem_request_energy_joules, and as many model "
+        'values; later ones are reported as "other"',
+    )
     tokenizer: Path | None = Field(
         None, description="tokenizer.json the gateway counts prompt tokens with; unset: it estimates"
     )
@@ -280,6 +304,11 @@ class Settings(BaseSettings):
     @classmethod
     def _host(cls, value: str) -> str:
         return host_name(value)
+
+    @field_validator("energy_tenant_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        return None if value is None else header_name(value)
 
     @field_validator("gateway_body_buffer_bytes")
     @classmethod
@@ -384,8 +413,15 @@ class Settings(BaseSettings):
     def _gpu_selection_problems(self) -> list[str]:
         problems = []
         if self.twin_url is None and "twin" in (self.actuator, self.meter):
+            users = " and ".join(
+                f"{env_name(f)}=twin" for f in ("actuator", "meter") if getattr(self, f) == "twin"
+            )
             problems.append(
-                _problem("twin_url", None, "must be set when THROTTLLEM_ACTUATOR or THROTTLLEM_METER is twin")
+                _problem(
+                    "twin_url",
+                    None,
+                    f"needed when {users}: the twin server's HTTP URL, e.g. http://127.0.0.1:8000",
+                )
             )
         selectors = [f for f in ("gpu_uuids", "gpu_uuid", "gpu_index") if getattr(self, f) is not None]
         if self.actuator == "node" and self.gpu_index is not None:
@@ -406,7 +442,7 @@ class Settings(BaseSettings):
                 _problem(
                     "gpu_uuid",
                     None,
-                    "unset: set it (or THROTTLLEM_GPU_UUIDS, or THROTTLLEM_GPU_INDEX) for the nvml actuator "
+                    "set it (or THROTTLLEM_GPU_UUIDS, or THROTTLLEM_GPU_INDEX) for the nvml actuator "
                     "and nvml or dcgm meters",
                 )
             )

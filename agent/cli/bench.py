@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from agent.bench.decide import benchmark_decide
 from agent.cli.common import (
+    JSON_HELP,
+    MODELS_DIR_HELP,
     CliError,
     add_setup_args,
     flatten,
@@ -163,28 +165,39 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bench_sim = bench_sub.add_parser("sim", help="simulator speed on a whole trace at stock clocks")
     add_setup_args(bench_sim)
-    bench_sim.add_argument("--trace", default="azure-conv")
-    bench_sim.add_argument("--json", action="store_true")
+    bench_sim.add_argument(
+        "--trace",
+        default="azure-conv",
+        help="azure-conv | azure-code | path to an Azure or BurstGPT CSV, replayed whole "
+        "(default %(default)s)",
+    )
+    bench_sim.add_argument("--json", action="store_true", help=JSON_HELP)
     bench_sim.set_defaults(func=cmd_bench_sim)
 
     predictor = bench_sub.add_parser("predictor", help="IPS model accuracy on fresh twin data, and latency")
     add_setup_args(predictor)
     predictor.set_defaults(noise=PROFILE_NOISE)
-    predictor.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    predictor.add_argument("--models-dir", type=Path, default=settings.models_dir, help=MODELS_DIR_HELP)
     predictor.add_argument(
         "--model-dir", type=Path, default=None, help="default: <models-dir>/<gpu>/<model>-tp<N>"
     )
     predictor.add_argument("--rows", type=int, default=5000, help="fresh profile rows to score on")
-    predictor.add_argument("--json", action="store_true")
+    predictor.add_argument("--json", action="store_true", help=JSON_HELP)
     predictor.set_defaults(func=cmd_bench_predictor)
 
     decide = bench_sub.add_parser("decide", help="latency of one throttllem decision")
     add_setup_args(decide)
-    decide.add_argument("--running", type=int, default=256)
-    decide.add_argument("--queued", type=int, default=32)
-    decide.add_argument("--repeats", type=int, default=500)
-    decide.add_argument("--models-dir", type=Path, default=settings.models_dir)
-    decide.add_argument("--json", action="store_true")
+    decide.add_argument(
+        "--running", type=int, default=256, help="requests decoding on the scoreboard (default %(default)s)"
+    )
+    decide.add_argument(
+        "--queued", type=int, default=32, help="requests waiting for admission (default %(default)s)"
+    )
+    decide.add_argument(
+        "--repeats", type=int, default=500, help="decisions timed per search (default %(default)s)"
+    )
+    decide.add_argument("--models-dir", type=Path, default=settings.models_dir, help=MODELS_DIR_HELP)
+    decide.add_argument("--json", action="store_true", help=JSON_HELP)
     decide.set_defaults(func=cmd_bench_decide)
 
     sidecar = bench_sub.add_parser(
@@ -205,11 +218,11 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         help="seconds of the demo's load for CPU and RSS (default %(default)s)",
     )
     sidecar.add_argument("--slo", default="mlperf-server", help="SLO preset (default %(default)s)")
-    sidecar.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    sidecar.add_argument("--models-dir", type=Path, default=settings.models_dir, help=MODELS_DIR_HELP)
     sidecar.add_argument(
         "--logs", type=Path, default=Path("bench-sidecar-logs"), help="process logs (default %(default)s)"
     )
-    sidecar.add_argument("--json", action="store_true")
+    sidecar.add_argument("--json", action="store_true", help=JSON_HELP)
     sidecar.set_defaults(func=cmd_bench_sidecar)
 
     from agent.bench.faults.scenarios import FAULTS  # the names only; the suite loads on use
@@ -236,9 +249,9 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         default="both",
         help="run the sidecar faults with the node agent, without it, or both (default %(default)s)",
     )
-    faults.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    faults.add_argument("--models-dir", type=Path, default=settings.models_dir, help=MODELS_DIR_HELP)
     faults.add_argument(
         "--logs", type=Path, default=Path("bench-faults-logs"), help="process logs (default %(default)s)"
     )
-    faults.add_argument("--json", action="store_true")
+    faults.add_argument("--json", action="store_true", help=JSON_HELP)
     faults.set_defaults(func=cmd_bench_faults)

@@ -25,6 +25,11 @@ DEFAULT_ENGINE = EngineConfig()
 SYNTHETIC_DEFAULT_S = 600.0  # length of a synthetic workload when --duration is not given
 stderr = Console(stderr=True)
 MIN_TABLE_WIDTH = 110  # rich assumes 80 columns when stdout is not a terminal; tables need more
+MODELS_DIR_HELP = (
+    "trained models, <gpu>/<model>-tp<N>/ and lengths/ (default: THROTTLLEM_MODELS_DIR, else those "
+    "shipped in the package)"
+)
+JSON_HELP = "print the figures as one JSON object instead of a table"
 
 
 def stdout() -> Console:
@@ -86,11 +91,31 @@ def add_setup_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tp", type=int, default=settings.tp, help="tensor-parallel degree (default %(default)s)"
     )
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_ENGINE.max_batch_size)
-    parser.add_argument("--max-num-tokens", type=int, default=DEFAULT_ENGINE.max_num_tokens)
-    parser.add_argument("--tokens-per-block", type=int, default=DEFAULT_ENGINE.tokens_per_block)
     parser.add_argument(
-        "--scheduler", default=DEFAULT_ENGINE.scheduler.value, choices=[p.value for p in SchedulerPolicy]
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_ENGINE.max_batch_size,
+        help="engine's most requests per iteration, as built (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-num-tokens",
+        type=int,
+        default=DEFAULT_ENGINE.max_num_tokens,
+        help="engine's most tokens per iteration, prompt and decode together (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tokens-per-block",
+        type=int,
+        default=DEFAULT_ENGINE.tokens_per_block,
+        help="tokens per KV-cache block (default %(default)s)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        default=DEFAULT_ENGINE.scheduler.value,
+        choices=[p.value for p in SchedulerPolicy],
+        help="TensorRT-LLM capacity scheduler: guaranteed_no_evict admits a request only when KV for all "
+        "its max_tokens is free; max_utilization admits on current need and pauses requests when KV runs "
+        "out (default %(default)s)",
     )
     parser.add_argument("--chunked-context", action="store_true", help="split long prompts across iterations")
     parser.add_argument(

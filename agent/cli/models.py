@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli.common import (
+    JSON_HELP,
     CliError,
     add_setup_args,
     print_figures,
@@ -18,7 +19,7 @@ from agent.cli.common import (
 from agent.config import Settings
 from agent.engines.base import EngineError
 from agent.gpus import GpuControlError
-from agent.modeling.dataset import DatasetWriter, file_sha256, read_dataset
+from agent.modeling.dataset import DatasetError, DatasetWriter, file_sha256, read_dataset, read_meta
 from agent.modeling.live_points import APIS
 from agent.modeling.live_profile import ACTUATORS, ENGINES, LiveConfig, LiveProfileError, LiveProfileTarget
 from agent.modeling.profile import (
@@ -45,6 +46,43 @@ LIVE_ONLY = (
 )
 
 
+PROFILE_HINT = "throttllem profile --gpu G --model M --tp N --out FILE"  # how a dataset is made
+
+
+def check_dataset_out(path: Path) -> None:
+    """Refuse a `profile --out` that is a directory before the sweep starts, naming the flag."""
+    if path.is_dir():
+        raise CliError(
+            f"--out {path} is a directory: give the dataset CSV's path, e.g. {path / 'profile.csv'}"
+        )
+
+
+def check_model_out(path: Path) -> None:
+    """Refuse a model `--out` that is a file before training, which takes minutes, rather than after."""
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out {path} is a file: give a directory for the model and its card.json")
+
+
+def check_datasets(paths: list[Path]) -> None:
+    """Each `--data` file and the setup description profile writes beside it; one line per problem."""
+    for path in paths:
+        if not path.exists():
+            raise CliError(
+                f"--data {path}: no such file; make one with `{PROFILE_HINT.replace('FILE', str(path))}`"
+            )
+        if not path.is_file():
+            raise CliError(f"--data {path} is a directory: give the dataset CSVs profile wrote")
+        try:
+            read_meta(path)
+        except DatasetError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
+            raise CliError(
+                f"--data {path} has no {exc.__cause__.filename} beside it: profile writes that description "
+                f"of the setup with the CSV; keep them together, or make a new dataset with `{PROFILE_HINT}`"
+            ) from None
+
+
 def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The sweep the flags describe, for either target."""
     return SweepConfig(
@@ -56,6 +94,7 @@ def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Sweep batch sizes, KV occupancies and clocks; append one row per iteration to --out."""
+    check_dataset_out(args.out)
     if args.target == "live":
         return profile_live(args)
     given = [f"--{name.replace('_', '-')}" for name in LIVE_ONLY if getattr(args, name) is not None]
@@ -173,6 +212,8 @@ def profile_live(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train an IPS model on profile datasets and export it with its card."""
+    check_datasets(args.data)
+    check_model_out(args.out)
     from agent.modeling.train import TrainConfig, train_ips_model  # lightgbm: slow to import
 
     dataset = read_dataset(args.data)
@@ -195,6 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_train_lengths(args: argparse.Namespace) -> int:
     """Train the learned generation-length predictor on the shipped Azure traces."""
+    check_model_out(args.out)
     from agent.modeling.lengths import train_length_model  # lightgbm: slow to import
 
     card = train_length_model(args.out, seed=args.seed)
@@ -227,23 +269,42 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     profile.add_argument("--out", type=Path, required=True, help="dataset CSV (resumed if it exists)")
     profile.add_argument("--min-clock", type=int, default=DEFAULT_MIN_CLOCK_MHZ, help="lowest clock to sweep")
     profile.add_argument("--clocks", default=None, help="comma-separated clocks to sweep instead of all")
-    profile.add_argument("--json", action="store_true")
+    profile.add_argument("--json", action="store_true", help=JSON_HELP)
     _add_live_args(profile)
     profile.set_defaults(func=cmd_profile)
 
     train = sub.add_parser("train", help="train and export an IPS model from profile datasets")
     train.add_argument("--data", type=Path, action="append", required=True, help="dataset CSV (repeatable)")
     train.add_argument(
-        "--out", type=Path, required=True, help="model directory, e.g. models/<gpu>/<model>-tp1"
+        "--out",
+        type=Path,
+        required=True,
+        help="directory for ips.onnx and card.json, e.g. agent/data/models/<gpu>/<model>-tp1 in a checkout",
     )
-    train.add_argument("--seed", type=int, default=settings.seed)
-    train.add_argument("--json", action="store_true")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=settings.seed,
+        help="seed of the splits and the trees (default %(default)s)",
+    )
+    train.add_argument("--json", action="store_true", help=JSON_HELP)
     train.set_defaults(func=cmd_train)
 
     lengths = sub.add_parser("train-lengths", help="train the learned generation-length predictor")
-    lengths.add_argument("--out", type=Path, default=settings.models_dir / "lengths" / "azure")
-    lengths.add_argument("--seed", type=int, default=settings.seed)
-    lengths.add_argument("--json", action="store_true")
+    lengths.add_argument(
+        "--out",
+        type=Path,
+        default=settings.models_dir / "lengths" / "azure",
+        help="directory for length.onnx and card.json (default: lengths/azure in THROTTLLEM_MODELS_DIR, "
+        "else in the package's shipped models, which it replaces)",
+    )
+    lengths.add_argument(
+        "--seed",
+        type=int,
+        default=settings.seed,
+        help="seed of the splits and the trees (default %(default)s)",
+    )
+    lengths.add_argument("--json", action="store_true", help="print the whole model card as JSON")
     lengths.set_defaults(func=cmd_train_lengths)
 
 

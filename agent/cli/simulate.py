@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from agent.cli.common import (
+    MODELS_DIR_HELP,
     add_clock_range_arg,
     add_setup_args,
     add_workload_args,
@@ -81,9 +82,9 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     sim.add_argument(
         "--slo",
         default="mlperf-server",
-        help="SLO preset in policies/ (mlperf-server, mlperf-interactive, paper) or a TOML path",
+        help="SLO preset: a shipped name (mlperf-server, mlperf-interactive, paper) or a .toml path",
     )
-    sim.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    sim.add_argument("--models-dir", type=Path, default=settings.models_dir, help=MODELS_DIR_HELP)
     add_clock_range_arg(sim)
     sim.add_argument(
         "--iteration-stats", metavar="FILE", help="write one TRT-LLM iteration-stats record per line"

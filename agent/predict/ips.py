@@ -6,6 +6,10 @@ iterations at once. `IpsTable` goes further for the common cases, decode-only it
 the decision's prefill probes: it evaluates the model once over a (clock × batch × KV) grid at
 load time, after which a query is a numpy gather (trees are piecewise constant, so a fine grid
 loses little; the bench measures it).
+
+Tables span the serving engine's limits on purpose, so building one says nothing about the
+model's fit; a decision that asks past what the model was profiled on does, and `IpsModel.asked`
+logs that once per model and feature.
 """
 
 from __future__ import annotations
@@ -25,6 +29,17 @@ from agent.domain import IPS_FEATURES
 
 log = logging.getLogger(__name__)
 TP, BATCH, KV, CLOCK, PREFILL = range(len(IPS_FEATURES))
+# The engine limit a profile sweep spans each of these features up to (the card's setup records the
+# profiled engine's): the sweep reaches 95% of the KV cache and rarely the largest batch or chunk
+# exactly, so the observed maxima fall short of what the model was built to cover.
+PROFILED_LIMITS = {BATCH: "max_batch_size", KV: "kv_blocks", PREFILL: "max_num_tokens"}
+# What to do when a decision asks past the profiled range, per feature.
+WIDEN_RANGE = {
+    BATCH: "profile with the engine's --max-batch-size and train again",
+    KV: "profile this engine, whose KV cache is larger, and train again",
+    PREFILL: "profile with the engine's --max-num-tokens and train again",
+}
+_reported: set[tuple[Path, int]] = set()  # (model directory, feature) already warned about, this process
 
 
 class ModelLoadError(ValueError):
@@ -41,7 +56,7 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 class IpsModel:
-    """An exported IPS model: batch predictions, with a warning when asked outside its data."""
+    """An exported IPS model: batch predictions, and the range of engine states it was profiled on."""
 
     def __init__(self, model_dir: Path | str) -> None:
         model_dir = Path(model_dir)
@@ -54,37 +69,52 @@ class IpsModel:
         if tuple(columns) != IPS_FEATURES:
             raise ModelLoadError(f"{model_dir}: model inputs {columns} are not {list(IPS_FEATURES)}")
         self.model_dir = model_dir
-        self.low = np.array([self.card["features"][f]["min"] for f in IPS_FEATURES], dtype=np.float32)
         self.high = np.array([self.card["features"][f]["max"] for f in IPS_FEATURES], dtype=np.float32)
-        self._warned: set[str] = set()
+        engines = [entry.get("setup", {}).get("engine", {}) for entry in self.card.get("data", [])]
+        # Per feature, the most the model was profiled to cover: its profiled engines' limit, or, for
+        # data that does not say, the most its rows hold.
+        self.covered_high = {
+            feature: max(
+                [float(self.high[feature])]
+                + [float(engine[key]) for engine in engines if isinstance(engine.get(key), int | float)]
+            )
+            for feature, key in PROFILED_LIMITS.items()
+        }
 
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """IPS for each row of `rows` (columns as IPS_FEATURES)."""
         x = np.ascontiguousarray(rows, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != len(IPS_FEATURES):
             raise ValueError(f"rows must have shape (n, {len(IPS_FEATURES)})")
-        self._check_range(x)
         return self._session.run(None, {"input": x})[0].ravel().astype(np.float64)
 
     def iteration_s(self, rows: np.ndarray) -> np.ndarray:
         """Predicted seconds per iteration for each row."""
         return 1.0 / np.maximum(self.predict(rows), 1e-9)
 
-    def _check_range(self, x: np.ndarray) -> None:
-        if len(self._warned) == len(IPS_FEATURES) or not len(x):
-            return
-        outside = (x.min(axis=0) < self.low) | (x.max(axis=0) > self.high)
-        for i in np.flatnonzero(outside):
-            name = IPS_FEATURES[i]
-            if name not in self._warned:
-                self._warned.add(name)
-                log.warning(
-                    "IPS model %s asked for %s outside its training range [%g, %g]; predictions extrapolate",
-                    self.model_dir,
-                    name,
-                    self.low[i],
-                    self.high[i],
-                )
+    def asked(self, feature: int, highest: float) -> bool:
+        """Note that a decision asked for `feature` up to `highest`; False once that is reported.
+
+        Past what the model was profiled on its predictions extrapolate: the first such query of a
+        feature logs a warning, once per model in this process, naming what to profile. `feature`
+        is BATCH, KV or PREFILL (the others are fixed per engine).
+        """
+        key = (self.model_dir, feature)
+        if key in _reported:
+            return False
+        if highest <= self.covered_high[feature]:
+            return True
+        _reported.add(key)
+        log.warning(
+            "IPS model %s was asked for %s=%g, past the %g it was profiled on: predictions there "
+            "extrapolate; %s",
+            self.model_dir,
+            IPS_FEATURES[feature],
+            highest,
+            self.covered_high[feature],
+            WIDEN_RANGE[feature],
+        )
+        return False
 
 
 @dataclass(frozen=True, slots=True)

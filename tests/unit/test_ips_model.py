@@ -1,7 +1,6 @@
 """IPS model pipeline: training on twin-generated rows, ONNX export parity, runtime predictions."""
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -79,16 +78,6 @@ def test_higher_clock_never_predicts_fewer_ips(trained):
         rows = np.repeat(base[None, :], len(CLOCKS), axis=0)
         rows[:, CLOCK] = np.sort(CLOCKS)
         assert np.all(np.diff(model.predict(rows)) >= -1e-6)
-
-
-def test_warns_once_outside_the_training_range(trained, caplog):
-    model = IpsModel(trained[0])
-    row = np.array([[1, 5000, 10, 1410, 0]], dtype=float)
-    with caplog.at_level(logging.WARNING):
-        model.predict(row)
-        model.predict(row)
-    messages = [r.message for r in caplog.records if "outside its training range" in r.message]
-    assert len(messages) == 1 and "batch" in messages[0]
 
 
 def test_decode_table_matches_the_model_on_its_grid(trained):

@@ -81,7 +81,22 @@ BAD_VALUES = [
     ("THROTTLLEM_TRACE_SAMPLE_EVERY", "0", "must be greater than or equal to 1"),
     ("THROTTLLEM_MAX_BATCH_SIZE", "0", "must be greater than or equal to 1"),
     ("THROTTLLEM_MAX_NUM_TOKENS", "0", "must be greater than or equal to 1"),
+    ("THROTTLLEM_ENERGY_TENANT_HEADER", "X Tenant", "must be an HTTP header name"),
+    ("THROTTLLEM_ENERGY_TENANT_HEADER", "X-Tenant:", "must be an HTTP header name"),
+    ("THROTTLLEM_ENERGY_TENANT_HEADER", "", "must be an HTTP header name"),
+    ("THROTTLLEM_ENERGY_TENANT_HEADER", "X-Ténant", "must be an HTTP header name"),
+    ("THROTTLLEM_ENERGY_MAX_TENANTS", "0", "must be greater than or equal to 1"),
+    ("THROTTLLEM_ENERGY_MAX_TENANTS", "10001", "must be less than or equal to 10000"),
 ]
+
+
+def test_energy_labels_default_to_no_tenant_header_and_a_cap_of_64(monkeypatch):
+    settings = load_settings(sidecar=True)
+    assert (settings.energy_tenant_header, settings.energy_max_tenants) == (None, 64)
+    monkeypatch.setenv("THROTTLLEM_ENERGY_TENANT_HEADER", "X-Tenant_ID.v2")
+    monkeypatch.setenv("THROTTLLEM_ENERGY_MAX_TENANTS", "10000")
+    settings = load_settings(sidecar=True)
+    assert (settings.energy_tenant_header, settings.energy_max_tenants) == ("X-Tenant_ID.v2", 10000)
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), BAD_VALUES)
@@ -119,7 +134,7 @@ def test_settings_that_do_not_fit_together_name_what_to_change(monkeypatch, env,
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     load_settings()  # each value is fine alone: other commands are not affected
-    with pytest.raises(ConfigError, match=f"^{variable}="):
+    with pytest.raises(ConfigError, match=f"^{variable}( is unset|=)"):
         load_settings(sidecar=True)
 
 
@@ -159,7 +174,31 @@ def test_run_with_settings_that_do_not_fit_prints_one_line_and_exits_1(monkeypat
     assert main(["run"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert err.startswith("throttllem: error: THROTTLLEM_TWIN_URL=None: must be set")
+    assert err.startswith(
+        "throttllem: error: THROTTLLEM_TWIN_URL is unset: needed when THROTTLLEM_ACTUATOR=twin: "
+        "the twin server's HTTP URL"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"THROTTLLEM_METER": "twin"}, "THROTTLLEM_TWIN_URL is unset: needed when THROTTLLEM_METER=twin"),
+        (
+            {"THROTTLLEM_ACTUATOR": "twin", "THROTTLLEM_METER": "twin"},
+            "THROTTLLEM_TWIN_URL is unset: needed when THROTTLLEM_ACTUATOR=twin and THROTTLLEM_METER=twin",
+        ),
+        ({"THROTTLLEM_ACTUATOR": "nvml"}, "THROTTLLEM_GPU_UUID is unset: set it (or THROTTLLEM_GPU_UUIDS"),
+        ({"THROTTLLEM_METER": "dcgm"}, "THROTTLLEM_GPU_UUID is unset: set it (or THROTTLLEM_GPU_UUIDS"),
+    ],
+)
+def test_a_missing_setting_reads_unset_never_none(monkeypatch, env, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(sidecar=True)
+    assert str(caught.value).startswith(expected)
+    assert "None" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
