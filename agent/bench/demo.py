@@ -46,6 +46,7 @@ def live_spec(config: DemoConfig, workload: DemoWorkload, policy: str) -> LiveRu
         log_dir=config.out_dir / "logs" / policy.replace(":", "-"),
         refresh_s=config.refresh_s,
         arrivals_s=config.duration_s,
+        engine=config.engine,
     )
 
 
@@ -135,9 +136,16 @@ def simulated_figures(record: RunRecord) -> dict[str, Any]:
 
 
 def live_record(run: LiveRun, figures: dict[str, Any], config: DemoConfig) -> RunRecord:
-    """A live run as the replay report's plots take it: polled clock and power, client token gaps."""
+    """A live run as the replay report's plots take it: polled clock and power, the clients' TPOT and gaps."""
     samples = run.state.samples
     gaps = run.state.all_gaps_s()
+    time_s = np.array([s.t_s for s in samples])
+    # Unlocked, the twin's GPU reads its highest clock while busy and its lowest while idle: an
+    # unlocked poll below the highest clock is the engine idle under stock clocks, not a lock.
+    idle = [
+        s.locked is False and s.clock_mhz is not None and s.clock_mhz < config.setup.gpu.max_clock_mhz
+        for s in samples
+    ]
     return RunRecord(
         policy=run.state.policy,
         trace=config.trace,
@@ -145,14 +153,33 @@ def live_record(run: LiveRun, figures: dict[str, Any], config: DemoConfig) -> Ru
         load_basis=CAPACITY,
         length_error=None,
         summary=figures,
-        time_s=np.array([s.t_s for s in samples]),
+        time_s=time_s,
         clock_mhz=np.array([math.nan if s.clock_mhz is None else s.clock_mhz for s in samples]),
         power_w=np.array([math.nan if s.power_w is None else s.power_w for s in samples]),
         tbt_s=gaps,
         tbt_weight=np.ones_like(gaps),
-        tbt_target_s=config.preset.tpot_s,
+        tpot_s=np.asarray(run.state.tpot_s, dtype=float),
+        tpot_target_s=config.preset.tpot_s,
         label=f"{run.state.policy} (live)",
+        stock_idle_spans_s=held_spans(time_s, np.asarray(idle, dtype=bool)),
     )
+
+
+def held_spans(time_s: np.ndarray, flags: np.ndarray) -> tuple[tuple[float, float], ...]:
+    """(start, end) of each run of flagged polls; a poll holds until the next, the last for a median gap."""
+    if time_s.size == 0:
+        return ()
+    step = float(np.median(np.diff(time_s))) if time_s.size > 1 else 0.0
+    ends = np.append(time_s[1:], time_s[-1] + step)
+    spans: list[tuple[float, float]] = []
+    for start, end, flagged in zip(time_s, ends, flags, strict=True):
+        if not flagged:
+            continue
+        if spans and spans[-1][1] == float(start):
+            spans[-1] = (spans[-1][0], float(end))
+        else:
+            spans.append((float(start), float(end)))
+    return tuple(spans)
 
 
 def compare(
@@ -163,6 +190,7 @@ def compare(
     saved = 100.0 * (1.0 - energy / base_energy) if energy is not None and base_energy else None
     return {
         "policy": config.policy,
+        "engine": config.engine,
         "baseline_policy": BASELINE_POLICY,
         "baseline_source": base["source"],
         "gpu": config.setup.gpu.name,
@@ -193,7 +221,7 @@ def compare(
 def write_demo_report(
     out_dir: Path, summary: dict[str, Any], records: list[RunRecord], title: str, short_title: str
 ) -> dict[str, str]:
-    """summary.json, report.md and the three plots; returns the plot file names."""
+    """summary.json, report.md and the replay report's plots; returns the plot file names by kind."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(out_dir, records, PLOT_LABEL, short_title)
     document = jsonable({**summary, "plots": plots})
@@ -270,6 +298,7 @@ def _markdown(summary: dict[str, Any], plots: dict[str, str], title: str) -> str
         "its last answer; mean clock is over polls that found the engine busy.",
         "",
         f"![clock and power]({plots['clock_power']})",
+        f"![TPOT per request]({plots['tpot_cdf']})",
         f"![token gaps]({plots['tbt_cdf']})",
         f"![energy]({plots['energy']})",
     ]

@@ -5,7 +5,13 @@ The engine's capacity is the completion rate of a saturated `max` run on the twi
 slice would let its single longest request set the figure). The slice is then the next
 `load` × capacity × `duration_s` requests from `start_s`, with arrivals scaled so they last
 `duration_s` on the wall clock: the engine sees `load` × its capacity for that long. `throttllem
-load` rebuilds the same list from the flags `load_spec` gives it (window, then rate scale).
+load` rebuilds the same list from the flags `load_spec` gives it (window, then rate scale): its
+`--duration` is the trace seconds those requests span (`DemoWorkload.window_s`), not
+`duration_s` (which `demo --wall-s` sets).
+
+The engine is the twin as Triton, vLLM or trtllm-serve (`engine`); the load generator speaks
+the matching API (`agent.bench.processes.ENGINE_LOAD_APIS`). The capacity and the slice do not
+depend on it: the twin runs the same engine model behind each API.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.bench.processes import LoadSpec
+from agent.bench.processes import ENGINE_LOAD_APIS, LoadSpec
 from agent.domain import Request
 from agent.sim.capacity import peak_rate_rps
 from agent.slo_presets import SloPreset
@@ -23,7 +29,8 @@ from agent.workloads import Workload, load_trace
 
 DEMO_TRACE = "azure-conv"
 DEMO_START_S = 600.0  # ten minutes in: past the trace's opening burst, a steady conversational mix
-DEMO_DURATION_S = 60.0
+DEMO_WALL_S = 60.0  # wall seconds over which the slice's requests arrive
+DEMO_ENGINE = "triton"
 DEMO_LOAD = 0.5  # half the engine's capacity: busy, with slack for a lower clock
 DEMO_MAX_TOKENS = 2048  # the client cap: a predictive policy must not read true lengths off max_tokens
 CAPACITY_SAMPLE_S = 300.0  # trace seconds the capacity is measured on: no single long request sets it
@@ -39,9 +46,10 @@ class DemoConfig:
     out_dir: Path
     models_dir: Path
     policy: str = "throttllem"
+    engine: str = DEMO_ENGINE  # the API the twin serves and the sidecar reads: one of ENGINE_LOAD_APIS
     trace: str = DEMO_TRACE
     start_s: float = DEMO_START_S
-    duration_s: float = DEMO_DURATION_S  # wall seconds of arrivals
+    duration_s: float = DEMO_WALL_S  # wall seconds of arrivals (`--wall-s`; the trace seconds follow)
     load: float = DEMO_LOAD
     max_tokens: int = DEMO_MAX_TOKENS
     live_baseline: bool = False
@@ -66,13 +74,14 @@ class DemoWorkload:
         """`throttllem load` flags that rebuild exactly these requests (the URL is the gateway's)."""
         return LoadSpec(
             url="",
+            api=ENGINE_LOAD_APIS[config.engine].value,
             trace=config.trace,
             start_s=config.start_s,
             duration_s=self.window_s,
             rate_scale=self.rate_scale,
             max_tokens=config.max_tokens,
             slo=config.preset.name,
-            llm=config.setup.model.name,
+            model=config.setup.model.name,
         )
 
 
@@ -85,28 +94,32 @@ def capacity_rps(setup: TwinSetup, trace: Workload, start_s: float, max_tokens: 
 
 
 def trace_slice(
-    trace: Workload, start_s: float, count: int, duration_s: float, max_tokens: int
+    trace: Workload, start_s: float, count: int, wall_s: float, max_tokens: int
 ) -> tuple[list[Request], float, float]:
-    """The `count` requests from `start_s`, arriving over `duration_s`: (requests, rate scale, window)."""
+    """The `count` requests from `start_s`, arriving over `wall_s`: (requests, rate scale, window)."""
     tail = trace.window(start_s, trace.duration_s - start_s + 1.0)  # to the very end
     if len(tail) < count:
         raise ValueError(
             f"only {len(tail)} requests in {trace.name} after {start_s:g} s, and the slice needs "
-            f"{count}: choose an earlier start or a shorter duration"
+            f"{count}: choose an earlier start or a shorter wall time"
         )
     last_s = float(tail.arrival_s[count - 1])
     if last_s <= 0:
         raise ValueError(f"the first {count} requests after {start_s:g} s arrive at once: no rate to scale")
     window_s = last_s + WINDOW_END_S
-    scale = last_s / duration_s
+    scale = last_s / wall_s
     workload = trace.window(start_s, window_s).scale_rate(scale)  # as `workload_from_args` does
     return workload.requests(max_tokens=max_tokens), scale, window_s
 
 
 def plan_workload(config: DemoConfig) -> DemoWorkload:
     """The slice at `load` × capacity, `duration_s` wall seconds long (see the module docstring)."""
+    if config.engine not in ENGINE_LOAD_APIS:
+        raise ValueError(
+            f"the demo's engine must be one of {', '.join(ENGINE_LOAD_APIS)}, got {config.engine!r}"
+        )
     if not (config.duration_s > 0 and math.isfinite(config.duration_s)):
-        raise ValueError(f"the demo's duration must be > 0 s, got {config.duration_s}")
+        raise ValueError(f"the demo's wall time must be > 0 s, got {config.duration_s}")
     trace = load_trace(config.trace)
     capacity = capacity_rps(config.setup, trace, config.start_s, config.max_tokens)
     count = max(2, round(config.load * capacity * config.duration_s))
@@ -122,7 +135,7 @@ def title_of(config: DemoConfig, workload: DemoWorkload) -> str:
     return (
         f"{config.trace} {config.start_s:g}–{config.start_s + workload.window_s:.0f} s at "
         f"{config.load:.0%} of capacity (×{workload.rate_scale:.2f}) on {setup.gpu.name} / "
-        f"{setup.model.name} / TP{setup.tp}, SLO {config.preset.name}"
+        f"{setup.model.name} / TP{setup.tp} served as {config.engine}, SLO {config.preset.name}"
     )
 
 

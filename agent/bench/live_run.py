@@ -7,7 +7,12 @@ Where each figure comes from:
 - energy: the twin GPU's counter (`/twin/v1/gpu`), read when the load generator starts its clock
   and again when it reports its last request, so idle time before and after does not count;
 - SM clock, lock and power: the same endpoint, every poll; clock changes: its counter, start to end;
-- batch and KV blocks: Triton's TRT-LLM gauges on the twin's metrics port;
+- batch and KV blocks, from what the engine the twin emulates exports (`engine_figures`):
+  Triton's TRT-LLM gauges on its metrics port; vLLM's `num_requests_running` and
+  `kv_cache_usage_perc` × `cache_config_info{num_gpu_blocks}` on its /metrics; trtllm-serve's
+  /metrics drains its iteration stats (each record is returned once, and the sidecar needs them
+  all), so for it the sidecar's own `throttllem_batch_size` / `throttllem_kv_blocks_used` (its
+  latest iteration) and the twin setup's KV pool;
 - held requests, loop mode, decision latency: the sidecar's /metrics;
 - latency: what the load generator's clients saw, one JSON event per request (`throttllem load --events`).
 
@@ -42,18 +47,16 @@ from agent.bench.processes import (
     start_twin,
 )
 from agent.bench.scrape import MetricsPage, get_json, get_page
+from agent.engines.base import EngineError
+from agent.engines.vllm import read_vllm
 from agent.twin.setup import TwinSetup
+from agent.workloads.loadgen import PROMPT_WORD, TRITON_MODEL_NAME
 
 DECISION_HISTOGRAM = "throttllem_decision_seconds"
 TAIL_ALLOWANCE_S = 300.0  # after the last arrival, the longest request may still stream for this long
 WARM_UP_TIMEOUT_S = 60.0
-WARM_UP_BODY = {
-    "text_input": "tok " * 8,
-    "max_tokens": 2,
-    "stream": False,
-    "prompt_tokens": 8,
-    "output_tokens": 2,
-}
+WARM_UP_TOKENS = {"prompt_tokens": 8, "output_tokens": 2}  # the twin's keys: exact lengths
+WARM_UP_PROMPT = PROMPT_WORD * 8
 
 
 class LiveRunError(RuntimeError):
@@ -149,13 +152,14 @@ class LiveRunSpec:
     policy: str
     slo: str
     models_dir: Path
-    load: LoadSpec  # its url is replaced by the sidecar's gateway
+    load: LoadSpec  # its url is replaced by the sidecar's gateway; its api must suit `engine`
     requests: int  # how many requests `load` replays
     tpot_target_s: float
     ttft_target_s: float | None
     log_dir: Path
     refresh_s: float = 0.5
     arrivals_s: float = 60.0  # wall seconds from the first to the last arrival
+    engine: str = "triton"  # the API the twin serves and the sidecar reads (processes.ENGINES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +182,7 @@ async def run_live(spec: LiveRunSpec, on_update: Update) -> LiveRun:
     # The agent's socket lives in a short temporary path: a Unix socket's path has 108 bytes at most.
     with tempfile.TemporaryDirectory(prefix="throttllem-") as socket_dir:
         async with ProcessGroup(spec.log_dir) as group, aiohttp.ClientSession() as session:
-            twin = await start_twin(group, spec.setup)
+            twin = await start_twin(group, spec.setup, api=spec.engine)
             agent = await start_node_agent(group, [twin.http_url], Path(socket_dir) / "node.sock")
             sidecar_spec = SidecarSpec(
                 policy=spec.policy,
@@ -188,7 +192,7 @@ async def run_live(spec: LiveRunSpec, on_update: Update) -> LiveRun:
             )
             sidecar = await start_sidecar(group, twin, spec.setup, sidecar_spec)
             assert sidecar.gateway_url is not None  # SidecarSpec's gateway is on
-            await warm_up(session, sidecar)
+            await warm_up(session, sidecar, api=twin.api, model_name=twin.model_name)
             state = LiveState(spec.policy, spec.requests, spec.tpot_target_s, spec.ttft_target_s)
             marks: list[asyncio.Task[None]] = []
 
@@ -206,7 +210,10 @@ async def run_live(spec: LiveRunSpec, on_update: Update) -> LiveRun:
                     )
 
             load = await start_load(group, replace(spec.load, url=sidecar.gateway_url), on_line)
-            poller = asyncio.create_task(_poll(session, twin, sidecar, state, on_update, spec.refresh_s))
+            kv_pool = spec.setup.kv_blocks()
+            poller = asyncio.create_task(
+                _poll(session, twin, sidecar, state, on_update, spec.refresh_s, kv_pool)
+            )
             try:
                 code = await load.wait(spec.arrivals_s + TAIL_ALLOWANCE_S)
             except TimeoutError:
@@ -236,18 +243,32 @@ async def run_live(spec: LiveRunSpec, on_update: Update) -> LiveRun:
         )
 
 
+def warm_up_request(api: str, model_name: str) -> tuple[str, dict[str, Any]]:
+    """(path, body) of one tiny unstreamed request in the engine's API: Triton's, or OpenAI completions."""
+    if api == "triton":
+        body = {"text_input": WARM_UP_PROMPT, "max_tokens": 2, "stream": False, **WARM_UP_TOKENS}
+        return f"/v2/models/{model_name}/generate", body
+    body = {"model": model_name, "prompt": WARM_UP_PROMPT, "max_tokens": 2, "stream": False, **WARM_UP_TOKENS}
+    return "/v1/completions", body
+
+
 async def warm_up(
-    session: aiohttp.ClientSession, sidecar: Sidecar, timeout_s: float = WARM_UP_TIMEOUT_S
+    session: aiohttp.ClientSession,
+    sidecar: Sidecar,
+    timeout_s: float = WARM_UP_TIMEOUT_S,
+    *,
+    api: str = "triton",
+    model_name: str = TRITON_MODEL_NAME,
 ) -> None:
-    """One tiny request through the gateway, then wait until the loop controls.
+    """One tiny request through the gateway (in the engine's `api`), then wait until the loop controls.
 
     A fresh sidecar builds its policy when it first sees the engine work (the policy needs the
     engine's limits from its metrics), which takes a few seconds; measuring from before then
     would measure start-up, not control.
     """
     assert sidecar.gateway_url is not None
-    url = f"{sidecar.gateway_url}/v2/models/ensemble/generate"
-    async with session.post(url, json=WARM_UP_BODY) as response:
+    path, request = warm_up_request(api, model_name)
+    async with session.post(f"{sidecar.gateway_url}{path}", json=request) as response:
         if response.status != 200:
             raise LiveRunError(
                 f"the warm-up request through the gateway got HTTP {response.status}: "
@@ -289,15 +310,17 @@ async def _poll(
     state: LiveState,
     on_update: Update,
     refresh_s: float,
+    kv_pool_blocks: int,
 ) -> None:
     """Every `refresh_s`: read the three sources, keep a sample once the load runs, show it."""
     while True:
         gpu, engine, side = await asyncio.gather(
             get_json(session, twin.gpu_url),
-            get_page(session, twin.metrics_url),
+            _engine_page(session, twin),
             get_page(session, sidecar.metrics_url),
         )
-        sample = _sample(state.since_start_s(), gpu, engine, side)
+        batch, kv_used, kv_max = engine_figures(twin.api, engine, side, kv_pool_blocks)
+        sample = _sample(state.since_start_s(), gpu, side, batch, kv_used, kv_max)
         state.latest = sample
         if state.started_at is not None:
             state.samples.append(sample)
@@ -305,15 +328,53 @@ async def _poll(
         await asyncio.sleep(refresh_s)
 
 
+async def _engine_page(session: aiohttp.ClientSession, twin: Twin) -> MetricsPage | None:
+    """The engine's Prometheus page; None for trtllm-serve, whose /metrics drains what the sidecar reads."""
+    if twin.api == "trtllm-serve":
+        return None
+    return await get_page(session, twin.metrics_url)
+
+
+EngineFigures = tuple[float | None, float | None, float | None]  # batch, KV blocks used, KV blocks max
+
+
+def engine_figures(
+    engine: str, page: MetricsPage | None, side: MetricsPage | None, kv_pool_blocks: int
+) -> EngineFigures:
+    """Batch and KV blocks, from what `engine` exports (see the module docstring); None: not read."""
+    if engine == "triton":
+        if page is None:
+            return None, None, None
+        return (
+            page.value("nv_trt_llm_request_metrics", request_type="scheduled"),
+            page.value("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="used"),
+            page.value("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="max"),
+        )
+    if engine == "vllm":
+        if page is None:
+            return None, None, None
+        try:
+            reading = read_vllm(page.samples)
+        except EngineError:
+            return None, None, None
+        blocks = float(reading.kv_blocks_max)
+        return float(reading.running), round(reading.kv_usage * blocks), blocks
+    if side is None:
+        return None, None, float(kv_pool_blocks)
+    return side.value("throttllem_batch_size"), side.value("throttllem_kv_blocks_used"), float(kv_pool_blocks)
+
+
 def _sample(
-    t_s: float, gpu: dict[str, Any] | None, engine: MetricsPage | None, side: MetricsPage | None
+    t_s: float,
+    gpu: dict[str, Any] | None,
+    side: MetricsPage | None,
+    batch: float | None,
+    kv_used: float | None,
+    kv_max: float | None,
 ) -> Sample:
     def gpu_value(key: str) -> float | None:
         value = None if gpu is None else gpu.get(key)
         return None if value is None else float(value)
-
-    def engine_value(name: str, **labels: str) -> float | None:
-        return None if engine is None else engine.value(name, **labels)
 
     mode = None
     if side is not None:
@@ -331,9 +392,9 @@ def _sample(
         locked=None if gpu is None else gpu.get("locked_clock_mhz") is not None,
         power_w=gpu_value("power_w"),
         energy_j=gpu_value("energy_j"),
-        batch=engine_value("nv_trt_llm_request_metrics", request_type="scheduled"),
-        kv_used_blocks=engine_value("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="used"),
-        kv_max_blocks=engine_value("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="max"),
+        batch=batch,
+        kv_used_blocks=kv_used,
+        kv_max_blocks=kv_max,
         held=None if side is None else side.value("throttllem_requests_held"),
         loop_mode=mode,
         decision_p99_s=None if side is None else side.histogram_quantile(DECISION_HISTOGRAM, 0.99),

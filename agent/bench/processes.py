@@ -3,6 +3,7 @@
     async with ProcessGroup(log_dir) as group:
         twin = await start_twin(group, setup)                             # `twin serve`, ports 0
         sidecar = await start_sidecar(group, twin, setup, SidecarSpec())  # `run`, twin actuator
+        # (start_twin(..., api="vllm"): the twin speaks vLLM's API; the sidecar then reads it as vLLM)
         load = await start_load(group, LoadSpec(url=sidecar.gateway_url, ...), on_line)  # `load`
     # on the way out, every child still running gets SIGTERM, newest first, then SIGKILL if it hangs
 
@@ -33,6 +34,7 @@ from typing import Any, TypeVar
 
 from agent.shipped import SHIPPED_MODELS_DIR
 from agent.twin.setup import TwinSetup
+from agent.workloads.loadgen import TRITON_MODEL_NAME, LoadApi
 
 START_TIMEOUT_S = 60.0  # the CLI imports a lot; a loaded 2-core machine needs the margin
 STOP_TIMEOUT_S = 15.0  # the sidecar's own hard-exit backstop is 10 s
@@ -41,6 +43,15 @@ PORT_ATTEMPTS = 3  # a port picked free can be taken before the child binds it
 LOOPBACK = "127.0.0.1"
 LineHandler = Callable[[str], None]
 T = TypeVar("T")
+# The engines the twin emulates (`twin serve --api`), each read by the sidecar adapter of the same
+# name (THROTTLLEM_ENGINE), and the API a load generator speaks to each: chat for vLLM (its
+# users' usual route), completions for trtllm-serve, so both OpenAI routes are exercised.
+ENGINE_LOAD_APIS = {
+    "triton": LoadApi.TRITON,
+    "trtllm-serve": LoadApi.OPENAI_COMPLETIONS,
+    "vllm": LoadApi.OPENAI_CHAT,
+}
+ENGINES = tuple(ENGINE_LOAD_APIS)
 
 
 class ProcessStartError(RuntimeError):
@@ -252,8 +263,10 @@ class Twin:
     """A running `throttllem twin serve` and where to reach it."""
 
     child: Child
-    http_url: str  # Triton's HTTP API and the GPU control endpoint
-    metrics_url: str  # Triton's metrics port, with the /metrics path
+    http_url: str  # the serving API (Triton's or an OpenAI one) and the GPU control endpoint
+    metrics_url: str  # the engine's metrics: Triton's metrics port, else the HTTP port; /metrics path
+    api: str = "triton"  # the engine it emulates: one of ENGINES
+    model_name: str = TRITON_MODEL_NAME  # the model it serves under that API
 
     @property
     def gpu_url(self) -> str:
@@ -283,27 +296,34 @@ async def start_twin(
     group: ProcessGroup,
     setup: TwinSetup,
     *,
+    api: str = "triton",
     name: str = "twin",
     http_port: int = 0,
     metrics_port: int = 0,
     time_scale: float = 1.0,
     metrics_interval_ms: float = 500.0,
 ) -> Twin:
-    """`throttllem twin serve` on loopback (ports 0: any free ones)."""
-    child = await group.start(
-        name,
-        [
-            "twin", "serve", *setup_args(setup),
-            "--host", LOOPBACK,
-            "--http-port", str(http_port),
-            "--metrics-port", str(metrics_port),
-            "--time-scale", repr(time_scale),
-            "--metrics-interval-ms", repr(metrics_interval_ms),
-        ],
-        env=child_env({}),
-    )  # fmt: skip
-    http = f"http://{LOOPBACK}:{child.announced['http_port']}"
-    return Twin(child, http, f"http://{LOOPBACK}:{child.announced['metrics_port']}/metrics")
+    """`throttllem twin serve --api <api>` on loopback (ports 0: any free ones).
+
+    Triton serves its metrics on a port of their own (`metrics_port`, refreshed every
+    `metrics_interval_ms`); vLLM and trtllm-serve on the HTTP port, so both are Triton's only.
+    """
+    if api not in ENGINES:
+        raise ValueError(f"api must be one of {', '.join(ENGINES)}, got {api!r}")
+    args = [
+        "twin", "serve", *setup_args(setup),
+        "--api", api,
+        "--host", LOOPBACK,
+        "--http-port", str(http_port),
+        "--time-scale", repr(time_scale),
+    ]  # fmt: skip
+    if api == "triton":
+        args += ["--metrics-port", str(metrics_port), "--metrics-interval-ms", repr(metrics_interval_ms)]
+    child = await group.start(name, args, env=child_env({}))
+    announced = child.announced
+    http = f"http://{LOOPBACK}:{announced['http_port']}"
+    metrics = http if api != "triton" else f"http://{LOOPBACK}:{announced['metrics_port']}"
+    return Twin(child, http, f"{metrics}/metrics", api, str(announced["model_name"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +386,7 @@ class SidecarSpec:
     actuator: str = "twin"
     meter: str = "twin"
     models_dir: Path = SHIPPED_MODELS_DIR
+    engine: str | None = None  # THROTTLLEM_ENGINE; None: the engine the twin emulates (`Twin.api`)
     settings: Mapping[str, str] = field(default_factory=dict)  # more THROTTLLEM_<KEY> values, by key
     inherit_otel: bool = True  # pass this environment's OTEL_* variables on
     env: Mapping[str, str] = field(default_factory=dict)  # other variables, verbatim (e.g. OTEL_*)
@@ -394,7 +415,7 @@ def sidecar_env(spec: SidecarSpec, twin: Twin, setup: TwinSetup, gateway_port: i
         "TP": str(setup.tp),
         "MAX_BATCH_SIZE": str(setup.engine.max_batch_size),
         "MAX_NUM_TOKENS": str(setup.engine.max_num_tokens),
-        "ENGINE": "triton",
+        "ENGINE": spec.engine or twin.api,
         "ENGINE_METRICS_URL": twin.metrics_url,
         "ENGINE_URL": twin.http_url,
         "TWIN_URL": twin.http_url,
@@ -444,14 +465,16 @@ class LoadSpec:
     """What `throttllem load` replays, and against which URL."""
 
     url: str
+    api: str = LoadApi.TRITON.value  # `load --api`: triton, openai-completions or openai-chat
     trace: str = "azure-conv"
     start_s: float = 0.0
     duration_s: float = 60.0  # trace seconds (before rate scaling)
     rate_scale: float = 1.0
     max_tokens: int | None = None  # client max_tokens; None: the traced output length
     slo: str = "mlperf-server"
-    llm: str = "llama3-8b"  # catalog model whose SLO targets apply
-    model_name: str = "ensemble"  # the model the server serves
+    model: str = "llama3-8b"  # catalog model whose SLO targets apply
+    model_name: str | None = None  # the model the server serves; None: load's default for the API
+    energy_url: str | None = None  # the sidecar's HTTP port, to read each request's energy from
 
 
 def load_args(spec: LoadSpec) -> list[str]:
@@ -459,15 +482,20 @@ def load_args(spec: LoadSpec) -> list[str]:
     args = [
         "load", "--events",
         "--url", spec.url,
-        "--model", spec.model_name,
-        "--llm", spec.llm,
+        "--api", spec.api,
+        "--model", spec.model,
         "--trace", spec.trace,
         "--start", repr(spec.start_s),
         "--duration", repr(spec.duration_s),
         "--rate-scale", repr(spec.rate_scale),
         "--slo", spec.slo,
     ]  # fmt: skip
-    return args if spec.max_tokens is None else [*args, "--max-tokens", str(spec.max_tokens)]
+    optional = (
+        ("--model-name", spec.model_name),
+        ("--energy-url", spec.energy_url),
+        ("--max-tokens", None if spec.max_tokens is None else str(spec.max_tokens)),
+    )
+    return args + [part for flag, value in optional if value is not None for part in (flag, value)]
 
 
 async def start_load(

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.bench import demo_plan as defaults
+from agent.bench.processes import ENGINE_LOAD_APIS
 from agent.cli.common import (
     CliError,
     add_setup_args,
@@ -179,7 +180,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     print_table(
         f"{summary['trace']} from {summary['window_start_s']:g} s, {summary['window_s']:.0f} s of trace "
         f"(×{summary['rate_scale']:.2f}, {summary['load']:.0%} of capacity) on {summary['gpu']} / "
-        f"{summary['model']} / TP{summary['tp']}",
+        f"{summary['model']} / TP{summary['tp']} served as {summary['engine']}",
         ("figure", f"{ours['policy']} ({ours['source']})", f"{base['policy']} ({base['source']})"),
         table_rows(summary),
     )
@@ -208,8 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out_dir=args.out,
         models_dir=args.models_dir,
         policy=args.policy,
+        engine=args.engine,
         start_s=args.start,
-        duration_s=args.duration,
+        duration_s=args.wall_s,
         load=args.load,
         max_tokens=args.max_tokens,
         live_baseline=args.live_baseline,
@@ -264,6 +266,10 @@ def _autoscale(args: argparse.Namespace) -> int:
 
     if args.live_baseline:
         raise CliError("--live-baseline: the sizing demo's baseline is simulated only")
+    if args.engine != defaults.DEMO_ENGINE:
+        raise CliError(
+            f"--engine {args.engine}: the sizing demo runs its twins as {defaults.DEMO_ENGINE} only"
+        )
     setup = setup_from_args(args)
     try:
         sizes = parse_sizes(args.sizes)
@@ -277,7 +283,7 @@ def _autoscale(args: argparse.Namespace) -> int:
         sizes=tuple(sorted(sizes)),
         policy=args.policy,
         start_s=args.start,
-        burst_s=args.duration,
+        burst_s=args.wall_s,
         max_tokens=args.max_tokens,
     )
     try:
@@ -316,13 +322,15 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         "demo",
         help="live: twin + node agent + sidecar + load generator as processes, watched, then compared "
         "with stock clocks",
-        description="Starts `twin serve` (real time), `node` (the twin's GPU as its backend), `run` "
-        "(steering through the node agent, twin meter, gateway on) and `load` through the gateway as "
-        "separate processes on loopback, shows the clock, power, batch, "
-        "latency and energy as they happen, stops everything (checking the clock lock is released), "
-        "and compares with stock clocks on the same requests (simulated unless --live-baseline). "
-        "With --autoscale: a twin + sidecar pair per TP size behind a router, sized live by the "
-        "coordinator through a burst of trace requests, compared with a fixed pool (simulated).",
+        description="Starts `twin serve` (real time, serving --engine's API), `node` (the twin's GPU as "
+        "its backend), `run` (reading the engine with the adapter of the same name, steering through "
+        "the node agent, twin meter, gateway on) and `load` through the gateway (Triton's API, or "
+        "OpenAI chat for vllm and completions for trtllm-serve) as separate processes on loopback, "
+        "shows the clock, power, batch, latency and energy as they happen, stops everything (checking "
+        "the clock lock is released), and compares with stock clocks on the same requests (simulated "
+        "unless --live-baseline). With --autoscale: a twin + sidecar pair per TP size behind a "
+        "router, sized live by the coordinator through a burst of trace requests, compared with a "
+        "fixed pool (simulated).",
     )
     add_setup_args(demo)
     # Resolved in cmd_demo: the sizing demo has its own engine.
@@ -336,6 +344,14 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
             )
     demo.add_argument("--policy", default="throttllem", help="the sidecar's policy (default %(default)s)")
     demo.add_argument(
+        "--engine",
+        choices=sorted(ENGINE_LOAD_APIS),
+        default=defaults.DEMO_ENGINE,
+        help="the engine the twin is served as (its API and metrics), read by the sidecar's adapter "
+        "of the same name; the clients speak Triton's generate_stream, OpenAI chat (vllm) or "
+        "completions (trtllm-serve). Not with --autoscale (default %(default)s)",
+    )
+    demo.add_argument(
         "--autoscale",
         action="store_true",
         help="size the engine live instead: a burst moves a pool of twin + sidecar pairs from the "
@@ -345,16 +361,18 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         "--sizes", default="1,2", help="with --autoscale: the TP sizes of the pool (default %(default)s)"
     )
     demo.add_argument(
-        "--duration",
+        "--wall-s",
         type=float,
-        default=defaults.DEMO_DURATION_S,
-        help="wall seconds of arrivals; with --autoscale, of the burst (default %(default)s)",
+        default=defaults.DEMO_WALL_S,
+        help="wall seconds over which the requests arrive (the trace seconds they span follow from "
+        "--load; unlike `load --duration`, which counts trace seconds); with --autoscale, the "
+        "burst's (default %(default)s)",
     )
     demo.add_argument(
         "--start",
         type=float,
         default=defaults.DEMO_START_S,
-        help="slice start, seconds into the trace (default %(default)s)",
+        help="slice start, seconds into the trace (as `load --start`; default %(default)s)",
     )
     demo.add_argument(
         "--load",
@@ -366,10 +384,20 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         "--max-tokens",
         type=int,
         default=defaults.DEMO_MAX_TOKENS,
-        help="client max_tokens (default %(default)s)",
+        help="client max_tokens: the cap every request asks for (default %(default)s)",
     )
-    demo.add_argument("--slo", default="mlperf-server", help="SLO preset (default %(default)s)")
-    demo.add_argument("--models-dir", type=Path, default=settings.models_dir)
+    demo.add_argument(
+        "--slo",
+        default="mlperf-server",
+        help="SLO preset: the sidecar's targets and the attainment's (default %(default)s)",
+    )
+    demo.add_argument(
+        "--models-dir",
+        type=Path,
+        default=settings.models_dir,
+        help="the sidecar's trained IPS models and capacity profiles (default: THROTTLLEM_MODELS_DIR, "
+        "the shipped ones)",
+    )
     demo.add_argument(
         "--out",
         type=Path,

@@ -1,40 +1,71 @@
-"""A load generator: replays trace requests over HTTP against Triton's generate_stream, in real time.
+"""A load generator: replays trace requests over HTTP in real time, against Triton or an OpenAI API.
 
-Each request is sent at its trace arrival time (divided by `time_scale`) to
-`POST {url}/v2/models/{model}/generate_stream` with a synthetic prompt of the right length and the
-twin-only keys `prompt_tokens` and `output_tokens` (a real Triton ignores them; the twin uses them
-to stop where the trace's request stopped). Every streamed event is one token, as TRT-LLM streams
-by default. A 429 or 503 is retried after its Retry-After, up to `max_retries` times; the request's
+Each request is sent at its trace arrival time (divided by `time_scale`), in one of three APIs
+(`LoadApi`):
+
+- `triton`: `POST {url}/v2/models/{model}/generate_stream`; every streamed event is one token,
+  as TRT-LLM streams by default;
+- `openai-completions` / `openai-chat`: `POST {url}/v1/completions` or `/v1/chat/completions`
+  through the official `openai` SDK, streamed with the usage chunk (`agent.workloads.openai_client`).
+
+Prompts have the traced length (`PROMPT_WORD` repeated) and the body carries the twin-only keys
+`prompt_tokens` and `output_tokens` (unless `twin_keys` is off): the twin stops where the trace's
+request stopped; vLLM and Triton ignore them, a real trtllm-serve refuses unknown keys. A 429 or
+503 is retried after its Retry-After, up to `max_retries` times, whatever the API; the request's
 times keep counting from its scheduled arrival, as a user would experience them.
 
+With an `energy_url` (the sidecar's HTTP port), each finished request's energy is read from
+`GET {energy_url}/v1/requests/{id}/energy`, the id being the gateway's `X-Throttllem-Request-Id`
+response header (`agent.workloads.request_energy`). It is read in the request's own task after
+its answer, so it never delays another request's send.
+
 Two opt-in records per token (`TokenRecording`), for latency studies: `times` keeps when each
-token arrived (token gaps: the client's view of time between tokens), and `lags` asks the engine
-for TRT-LLM's `return_perf_metrics` outputs and keeps, per event, how long after the engine's
-`last_token_time_ns` the client read it (the delivery lag), and how long after the client sent
-the request the engine stamped its `arrival_time_ns` (the request lag). Both compare this host's
-wall clock with the engine's: meaningful on loopback with a twin running at time scale 1.
+token arrived (token gaps: the client's view of time between tokens), and `lags` (Triton only)
+asks the engine for TRT-LLM's `return_perf_metrics` outputs and keeps, per event, how long after
+the engine's `last_token_time_ns` the client read it (the delivery lag), and how long after the
+client sent the request the engine stamped its `arrival_time_ns` (the request lag). Both compare
+this host's wall clock with the engine's: meaningful on loopback with a twin at time scale 1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import aiohttp
 import numpy as np
 
 from agent.domain import Request
 from agent.slo_presets import SloPreset, meets_slo
+from agent.workloads.request_energy import REQUEST_ID_HEADER, RequestEnergyReader
 
 log = logging.getLogger(__name__)
 
 PROMPT_WORD = "tok "  # 4 characters: gateways that estimate 4 characters per token count exactly
 RETRY_STATUSES = (429, 503)
+TRITON_MODEL_NAME = "ensemble"  # what a Triton TRT-LLM model repository serves, and the twin as Triton
+ERROR_TEXT_CHARS = 200  # of an error answer's body, kept in the result
+
+
+class LoadApi(enum.StrEnum):
+    """The API the load generator speaks."""
+
+    TRITON = "triton"  # Triton's generate_stream (the twin's default API)
+    OPENAI_COMPLETIONS = "openai-completions"  # POST /v1/completions (vLLM, trtllm-serve)
+    OPENAI_CHAT = "openai-chat"  # POST /v1/chat/completions (vLLM, trtllm-serve)
+
+    @property
+    def is_openai(self) -> bool:
+        """An OpenAI-compatible API (served under /v1)."""
+        return self is not LoadApi.TRITON
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +82,8 @@ class RequestResult:
     token_times_s: tuple[float, ...] = ()  # each token's arrival, from scheduled arrival
     token_lags_s: tuple[float, ...] = ()  # per event: client read time - engine's last token time
     request_lag_s: float = math.nan  # engine's arrival stamp - client send time (lags recorded)
+    gateway_request_id: str | None = None  # the gateway's X-Throttllem-Request-Id; None: not sent
+    energy_j: float | None = None  # GPU energy the sidecar attributed to it; None: not read or unknown
 
     @property
     def token_gaps_s(self) -> np.ndarray:
@@ -71,14 +104,32 @@ class RequestResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Refusal:
+    """A 429 or 503: the server asks to come back after `retry_after_s`."""
+
+    status: int
+    retry_after_s: float
+    text: str  # the start of its body
+    gateway_request_id: str | None
+
+
+def failed(request: Request, status: int, error: str, gateway_request_id: str | None = None) -> RequestResult:
+    """A request that got no tokens: refused, an error status, or no connection (status 0)."""
+    return RequestResult(
+        request.request_id, status, math.nan, math.nan, 0, 0, error, gateway_request_id=gateway_request_id
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LoadReport:
     """Every request's result and how long the replay took."""
 
     results: tuple[RequestResult, ...]
-    wall_s: float
+    wall_s: float  # from the first scheduled send to the last answer
+    energy_read: bool = False  # per-request energy was asked for (the summary then reports it)
 
     def summary(self, slo: SloPreset | None = None) -> dict[str, float | int | None]:
-        """Counts, latency percentiles and (given an SLO) attainment over all requests sent."""
+        """Counts, latency percentiles, (given an SLO) attainment and (when read) attributed energy."""
         answered = [r for r in self.results if r.answered]
         ttft = np.array([r.ttft_s for r in answered])
         tpot = np.array([r.tpot_s for r in answered])
@@ -108,6 +159,8 @@ class LoadReport:
         }
         if slo is not None:
             summary["slo_attainment"] = self.attainment(slo)
+        if self.energy_read:
+            summary.update(attributed_energy(answered))
         return summary
 
     def token_gaps_s(self) -> np.ndarray:
@@ -132,16 +185,37 @@ class LoadReport:
         return float(ok.sum()) / len(self.results)
 
 
-def request_body(request: Request, perf_metrics: bool = False) -> dict[str, object]:
+def attributed_energy(answered: Sequence[RequestResult]) -> dict[str, float | int | None]:
+    """Energy the sidecar attributed to the answered requests, and per output token of those it knew."""
+    known = [r for r in answered if r.energy_j is not None]
+    energy_j = sum(r.energy_j for r in known if r.energy_j is not None)
+    tokens = sum(r.output_tokens for r in known)
+    return {
+        "attributed_requests": len(known),  # answered requests whose energy is known
+        "attributed_energy_j": energy_j if known else None,
+        "attributed_j_per_token": energy_j / tokens if tokens else None,
+    }
+
+
+def twin_keys(request: Request) -> dict[str, int]:
+    """The body keys the twin honours: the traced prompt length and where the traced answer stopped."""
+    keys = {"prompt_tokens": request.prompt_tokens}
+    if request.output_tokens is not None:
+        keys["output_tokens"] = min(request.output_tokens, request.max_tokens)
+    return keys
+
+
+def request_body(
+    request: Request, perf_metrics: bool = False, with_twin_keys: bool = True
+) -> dict[str, object]:
     """The generate_stream body for one trace request (asking for TRT-LLM's perf metrics if told)."""
     body: dict[str, object] = {
         "text_input": PROMPT_WORD * request.prompt_tokens,
         "max_tokens": request.max_tokens,
         "stream": True,
-        "prompt_tokens": request.prompt_tokens,
     }
-    if request.output_tokens is not None:
-        body["output_tokens"] = min(request.output_tokens, request.max_tokens)
+    if with_twin_keys:
+        body.update(twin_keys(request))
     if perf_metrics:
         body["return_perf_metrics"] = True
     return body
@@ -152,10 +226,10 @@ class TokenRecording:
     """Which per-token records `generate_load` keeps (both off: counts and times only)."""
 
     times: bool = False  # each token's arrival time
-    lags: bool = False  # ask for perf metrics and keep each event's delivery lag
+    lags: bool = False  # ask for perf metrics and keep each event's delivery lag (Triton only)
 
 
-def _retry_after_s(value: str) -> float:
+def retry_after_s(value: str) -> float:
     """Seconds a 429/503's Retry-After asks to wait (1 s when it does not say a number)."""
     try:
         return max(float(value), 0.0)
@@ -163,30 +237,39 @@ def _retry_after_s(value: str) -> float:
         return 1.0
 
 
-async def _stream(
-    session: aiohttp.ClientSession,
-    url: str,
-    request: Request,
-    start: float,
-    max_retries: int,
-    record: TokenRecording,
-) -> RequestResult:
-    """Send one request (retrying refusals) and read its event stream."""
-    retries = 0
-    body = request_body(request, perf_metrics=record.lags)
-    while True:
+class Streamer(Protocol):
+    """One API's way to send one request and read its answer."""
+
+    async def attempt(self, request: Request, start: float) -> RequestResult | Refusal:
+        """Send `request` once; times from `start` (monotonic); a refusal is returned, not retried."""
+        ...
+
+
+class TritonStreamer:
+    """Triton's generate_stream over aiohttp: one `data:` event per token."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, url: str, record: TokenRecording, with_twin_keys: bool
+    ) -> None:
+        self._session = session
+        self._url = url
+        self._record = record
+        self._with_twin_keys = with_twin_keys
+
+    async def attempt(self, request: Request, start: float) -> RequestResult | Refusal:
+        """POST the body, read the event stream (see the module docstring)."""
+        record = self._record
+        body = request_body(request, perf_metrics=record.lags, with_twin_keys=self._with_twin_keys)
         sent_wall_s = time.time()
         try:
-            async with session.post(url, json=body) as response:
-                if response.status in RETRY_STATUSES and retries < max_retries:
-                    retries += 1
-                    await asyncio.sleep(_retry_after_s(response.headers.get("Retry-After", "1")))
-                    continue
+            async with self._session.post(self._url, json=body) as response:
+                ref = response.headers.get(REQUEST_ID_HEADER)
                 if response.status != 200:
-                    text = (await response.text())[:200]
-                    return RequestResult(
-                        request.request_id, response.status, math.nan, math.nan, 0, retries, text
-                    )
+                    text = (await response.text())[:ERROR_TEXT_CHARS]
+                    if response.status in RETRY_STATUSES:
+                        wait_s = retry_after_s(response.headers.get("Retry-After", "1"))
+                        return Refusal(response.status, wait_s, text, ref)
+                    return failed(request, response.status, text, ref)
                 first = math.nan
                 tokens = 0
                 error = None
@@ -216,14 +299,66 @@ async def _stream(
                     first,
                     time.monotonic() - start,
                     tokens,
-                    retries,
+                    0,
                     error,
                     tuple(times),
                     tuple(lags),
                     request_lag,
+                    ref,
                 )
         except (aiohttp.ClientError, json.JSONDecodeError, TimeoutError) as exc:
-            return RequestResult(request.request_id, 0, math.nan, math.nan, 0, retries, repr(exc))
+            return failed(request, 0, repr(exc))
+
+
+async def send_with_retries(
+    streamer: Streamer, request: Request, start: float, max_retries: int
+) -> RequestResult:
+    """Send until answered or refused `max_retries` + 1 times, waiting each refusal's Retry-After."""
+    retries = 0
+    while True:
+        outcome = await streamer.attempt(request, start)
+        if isinstance(outcome, RequestResult):
+            return replace(outcome, retries=retries)
+        if retries >= max_retries:
+            return replace(
+                failed(request, outcome.status, outcome.text, outcome.gateway_request_id), retries=retries
+            )
+        retries += 1
+        await asyncio.sleep(outcome.retry_after_s)
+
+
+@contextlib.asynccontextmanager
+async def open_streamer(
+    api: LoadApi,
+    base_url: str,
+    model: str,
+    record: TokenRecording,
+    *,
+    with_twin_keys: bool = True,
+    api_key: str | None = None,
+) -> AsyncIterator[Streamer]:
+    """The streamer of `api` against `base_url`, its connections closed on the way out."""
+    if api is LoadApi.TRITON:
+        url = f"{base_url.rstrip('/')}/v2/models/{model}/generate_stream"
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            yield TritonStreamer(session, url, record, with_twin_keys)
+        return
+    if record.lags:
+        raise ValueError("delivery lags need TRT-LLM's perf metrics: record them with the triton API")
+    # Imported here: only the OpenAI APIs need the SDK, and its import costs half a second.
+    from agent.workloads.openai_client import OpenAIStreamer
+
+    async with OpenAIStreamer.open(
+        base_url,
+        model,
+        chat=api is LoadApi.OPENAI_CHAT,
+        record=record,
+        with_twin_keys=with_twin_keys,
+        api_key=api_key,
+    ) as streamer:
+        yield streamer
 
 
 async def generate_load(
@@ -231,29 +366,44 @@ async def generate_load(
     model: str,
     requests: Sequence[Request],
     *,
+    api: LoadApi = LoadApi.TRITON,
     time_scale: float = 1.0,
     max_retries: int = 3,
     on_result: Callable[[RequestResult], None] | None = None,
     record: TokenRecording | None = None,
+    energy_url: str | None = None,
+    with_twin_keys: bool = True,
+    api_key: str | None = None,
 ) -> LoadReport:
-    """Replay `requests` against `base_url` at their arrival times; return what each one saw."""
+    """Replay `requests` against `base_url` at their arrival times; return what each one saw.
+
+    `model` is the served model name (Triton's path segment, OpenAI's `model`); `api_key` the
+    OpenAI bearer token (None: a placeholder, for engines started without one).
+    """
     if time_scale <= 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale}")
-    url = f"{base_url.rstrip('/')}/v2/models/{model}/generate_stream"
     recording = record or TokenRecording()
-    began = time.monotonic()
     first_arrival = min((r.arrival_s for r in requests), default=0.0)
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
 
-    async def one(session: aiohttp.ClientSession, request: Request) -> RequestResult:
-        scheduled = began + (request.arrival_s - first_arrival) / time_scale
-        await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
-        result = await _stream(session, url, request, scheduled, max_retries, recording)
-        if on_result is not None:
-            on_result(result)
-        return result
+    async with (
+        open_streamer(
+            api, base_url, model, recording, with_twin_keys=with_twin_keys, api_key=api_key
+        ) as streamer,
+        RequestEnergyReader.open(energy_url) as energy,
+    ):
+        began = last_answer = time.monotonic()  # once the clients are up: the SDK takes a while
 
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        results = await asyncio.gather(*(one(session, r) for r in requests))
-    return LoadReport(tuple(results), time.monotonic() - began)
+        async def one(request: Request) -> RequestResult:
+            nonlocal last_answer
+            scheduled = began + (request.arrival_s - first_arrival) / time_scale
+            await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+            result = await send_with_retries(streamer, request, scheduled, max_retries)
+            last_answer = max(last_answer, time.monotonic())
+            if energy is not None:
+                result = replace(result, energy_j=await energy.energy_j(result.gateway_request_id))
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        results = await asyncio.gather(*(one(r) for r in requests))
+    return LoadReport(tuple(results), last_answer - began, energy_read=energy_url is not None)

@@ -190,7 +190,7 @@ def test_sidecar_survives_a_killed_twin_and_steers_the_new_one(tmp_path):
 def test_demo_runs_end_to_end_and_resets_clocks(tmp_path):
     out = tmp_path / "report"
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "demo", "--duration", "15", "--json", "--out", str(out)],
+        [sys.executable, "-m", "agent.cli", "demo", "--wall-s", "15", "--json", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,

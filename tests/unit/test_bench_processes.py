@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from agent.bench.processes import (
+    ENGINES,
     LoadSpec,
     ProcessGroup,
     ProcessStartError,
@@ -24,6 +25,7 @@ from agent.bench.processes import (
 from agent.catalog import gpu_spec, model_spec
 from agent.cli import build_parser
 from agent.cli.common import add_setup_args, setup_from_args
+from agent.cli.load import served_name
 from agent.twin.memory import EngineConfig, SchedulerPolicy
 from agent.twin.setup import TwinSetup
 
@@ -65,6 +67,7 @@ def test_sidecar_env_points_the_sidecar_at_the_twin(tmp_path):
     twin = Twin(None, "http://127.0.0.1:1234", "http://127.0.0.1:5678/metrics")  # type: ignore[arg-type]
     spec = SidecarSpec(models_dir=tmp_path, settings={"poll_interval_ms": "50"}, env={"OTEL_X": "1"})
     env = sidecar_env(spec, twin, SETUP, 4321)
+    assert env["THROTTLLEM_ENGINE"] == "triton"
     assert env["THROTTLLEM_ENGINE_METRICS_URL"] == "http://127.0.0.1:5678/metrics"
     assert env["THROTTLLEM_TWIN_URL"] == env["THROTTLLEM_ENGINE_URL"] == "http://127.0.0.1:1234"
     assert (env["THROTTLLEM_ACTUATOR"], env["THROTTLLEM_POLICY"], env["THROTTLLEM_GATEWAY_PORT"]) == (
@@ -83,7 +86,27 @@ def test_load_args_parse_as_the_load_command():
     args = build_parser().parse_args(load_args(spec))
     assert (args.command, args.events, args.url, args.trace) == ("load", True, spec.url, "azure-conv")
     assert (args.start, args.duration, args.rate_scale, args.max_tokens) == (600.0, 12.5, 0.61, 2048)
+    assert (args.api, args.model, args.model_name, args.energy_url) == ("triton", "llama3-8b", None, None)
+    assert served_name(args) == "ensemble"
     assert "--max-tokens" not in load_args(dataclasses.replace(spec, max_tokens=None))
+    openai = dataclasses.replace(spec, api="openai-chat", model="llama2-13b", energy_url="http://127.0.0.1:8")
+    args = build_parser().parse_args(load_args(openai))
+    assert (args.api, args.model, args.energy_url) == ("openai-chat", "llama2-13b", "http://127.0.0.1:8")
+    assert served_name(args) == "llama2-13b"  # the catalog name, as `twin serve --api vllm` serves it
+    named = build_parser().parse_args(load_args(dataclasses.replace(openai, model_name="served")))
+    assert served_name(named) == "served"
+
+
+def test_the_sidecar_reads_the_engine_the_twin_emulates(tmp_path):
+    twin = Twin(None, "http://127.0.0.1:1234", "http://127.0.0.1:1234/metrics", "vllm", "llama3-8b")  # type: ignore[arg-type]
+    env = sidecar_env(SidecarSpec(models_dir=tmp_path), twin, SETUP, 4321)
+    assert env["THROTTLLEM_ENGINE"] == "vllm"
+    assert env["THROTTLLEM_ENGINE_METRICS_URL"] == "http://127.0.0.1:1234/metrics"
+    forced = sidecar_env(SidecarSpec(models_dir=tmp_path, engine="trtllm-serve"), twin, SETUP, 4321)
+    assert forced["THROTTLLEM_ENGINE"] == "trtllm-serve"
+    assert ENGINES == ("triton", "trtllm-serve", "vllm")
+    with pytest.raises(ValueError, match="api must be one of"):
+        asyncio.run(start_twin(ProcessGroup(tmp_path), SETUP, api="sglang"))
 
 
 def test_a_child_that_fails_on_start_is_one_error_quoting_its_log(tmp_path):

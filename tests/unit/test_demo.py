@@ -10,10 +10,18 @@ from rich.console import Console
 
 from agent.bench.demo import baseline_note, compare, live_figures, live_record, write_demo_report
 from agent.bench.demo_plan import CAPACITY_SAMPLE_S, DemoConfig, plan_workload, plot_title
-from agent.bench.live_run import LiveRun, LiveState, Sample, mean_busy_clock_mhz
+from agent.bench.live_run import (
+    LiveRun,
+    LiveState,
+    Sample,
+    engine_figures,
+    mean_busy_clock_mhz,
+    warm_up_request,
+)
 from agent.bench.processes import load_args
+from agent.bench.scrape import MetricsPage
 from agent.catalog import gpu_spec, model_spec
-from agent.cli import build_parser
+from agent.cli import build_parser, main
 from agent.cli.common import workload_from_args
 from agent.cli.demo import render
 from agent.shipped import SHIPPED_MODELS_DIR
@@ -47,7 +55,7 @@ def test_the_load_command_rebuilds_exactly_the_planned_requests(tmp_path):
 def test_a_slice_without_requests_is_refused(tmp_path):
     with pytest.raises(ValueError, match="choose an earlier start"):
         plan_workload(config(tmp_path, start_s=3400.0, duration_s=600.0))
-    with pytest.raises(ValueError, match="duration"):
+    with pytest.raises(ValueError, match="wall time"):
         plan_workload(config(tmp_path, duration_s=0.0))
 
 
@@ -83,6 +91,16 @@ def test_live_figures_come_from_the_events_the_gpu_counters_and_busy_polls():
     assert state.answered == 2 and state.done == 3 and state.all_gaps_s().tolist() == [0.02, 0.03, 0.05]
 
 
+def test_the_live_record_keeps_each_request_tpot_and_marks_idle_stock_clocks(tmp_path):
+    run = finished_run()
+    idle = replace(sample(0.0, 210, 0), locked=False)  # unlocked and idle: the twin reads its lowest clock
+    busy_stock, locked = sample(1.0, 1410, 1), sample(1.5, 600, 3)
+    run.state.samples = [idle, replace(idle, t_s=0.5), busy_stock, locked, replace(idle, t_s=2.0)]
+    record = live_record(run, live_figures(run), config(tmp_path))
+    assert record.tpot_s.tolist() == [0.03, 0.03]  # the answered requests' own TPOT, not their gaps
+    assert record.stock_idle_spans_s == ((0.0, 1.0), (2.0, 2.5))  # the last poll holds one interval
+
+
 def test_summary_report_and_plots(tmp_path):
     demo = config(tmp_path / "out")
     run = finished_run()
@@ -101,6 +119,7 @@ def test_summary_report_and_plots(tmp_path):
     saved = json.loads((demo.out_dir / "summary.json").read_text())
     assert saved["saved_pct"] == pytest.approx(50.0) and saved["plots"] == plots
     report = (demo.out_dir / "report.md").read_text()
+    assert all(f"({name})" in report for name in plots.values()) and "tpot_cdf" in plots
     assert "simulated, not measured live" in report and "| energy (J) | 250 | 500 |" in report
 
 
@@ -127,3 +146,60 @@ def test_a_live_baseline_is_said_to_be_live_and_cross_checked_with_the_simulator
     note = baseline_note(summary)
     assert "measured live" in note and "4,410 J" in note and "4,543 J" in note
     assert "simulated, not measured live" in baseline_note({"baseline_source": "simulated"})
+
+
+@pytest.mark.parametrize(
+    ("engine", "api"), [("triton", "triton"), ("vllm", "openai-chat"), ("trtllm-serve", "openai-completions")]
+)
+def test_each_engine_gets_the_load_generator_of_its_api(tmp_path, engine, api):
+    demo = config(tmp_path, duration_s=5.0, engine=engine)
+    args = build_parser().parse_args(load_args(plan_workload(demo).load_spec(demo)))
+    assert (args.api, args.model, args.model_name) == (api, "llama3-8b", None)
+    path, body = warm_up_request(engine, "served")
+    if engine == "triton":
+        assert path == "/v2/models/served/generate" and body["text_input"] == "tok " * 8
+    else:
+        assert path == "/v1/completions" and body["model"] == "served" and body["stream"] is False
+    assert (body["prompt_tokens"], body["output_tokens"], body["max_tokens"]) == (8, 2, 2)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        plan_workload(config(tmp_path, engine="sglang"))
+
+
+VLLM_PAGE = """\
+vllm:num_requests_running{engine="0",model_name="llama3-8b"} 12.0
+vllm:num_requests_waiting{engine="0",model_name="llama3-8b"} 3.0
+vllm:kv_cache_usage_perc{engine="0",model_name="llama3-8b"} 0.25
+vllm:iteration_tokens_total_count{engine="0",model_name="llama3-8b"} 40.0
+vllm:prompt_tokens_total{engine="0",model_name="llama3-8b"} 900.0
+vllm:generation_tokens_total{engine="0",model_name="llama3-8b"} 300.0
+vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="8000"} 1.0
+"""
+TRITON_PAGE = """\
+nv_trt_llm_request_metrics{model="tensorrt_llm",request_type="scheduled",version="1"} 7
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="used",model="tensorrt_llm",version="1"} 120
+nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max",model="tensorrt_llm",version="1"} 7240
+"""
+SIDECAR_PAGE = "throttllem_batch_size 5.0\nthrottllem_kv_blocks_used 64.0\n"
+
+
+def test_batch_and_kv_come_from_what_each_engine_exports():
+    side = MetricsPage.parse(SIDECAR_PAGE)
+    assert engine_figures("triton", MetricsPage.parse(TRITON_PAGE), side, 999) == (7.0, 120.0, 7240.0)
+    assert engine_figures("vllm", MetricsPage.parse(VLLM_PAGE), side, 999) == (12.0, 2000.0, 8000.0)
+    # trtllm-serve's /metrics drains the stats the sidecar needs: the sidecar's view, the twin's pool
+    assert engine_figures("trtllm-serve", None, side, 999) == (5.0, 64.0, 999.0)
+    assert engine_figures("vllm", MetricsPage.parse(TRITON_PAGE), side, 999) == (None, None, None)
+    assert engine_figures("triton", None, None, 999) == (None, None, None)
+    assert engine_figures("trtllm-serve", None, None, 999) == (None, None, 999.0)
+
+
+def test_every_demo_and_load_option_says_what_it_does():
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("demo", "load"):
+        missing = [a.option_strings for a in subcommands[name]._actions if not a.help]
+        assert not missing, f"{name}: {missing}"
+
+
+def test_the_sizing_demo_refuses_another_engine(capsys):
+    assert main(["demo", "--autoscale", "--engine", "vllm"]) == 1
+    assert "the sizing demo runs its twins as triton only" in capsys.readouterr().err

@@ -521,7 +521,7 @@ def test_compose_load_goes_through_the_gateway(sidecar_env: None, monkeypatch: p
     args = build_parser().parse_args(load["command"])  # defaults read the environment, as in the image
     gateway = f"http://sidecar:{services['sidecar']['environment']['THROTTLLEM_GATEWAY_PORT']}"
     assert (args.command, args.url) == ("load", gateway)
-    assert (args.gpu, args.llm, str(args.tp)) == tuple(
+    assert (args.gpu, args.model, str(args.tp)) == tuple(
         services["twin"]["environment"][f"{ENV_PREFIX}{key}"] for key in ("GPU", "MODEL", "TP")
     )
 
