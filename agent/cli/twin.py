@@ -13,6 +13,7 @@ from dataclasses import asdict
 from agent.catalog import GPUS, MODELS
 from agent.cli.common import (
     DEFAULT_ENGINE,
+    JSON_HELP,
     CliError,
     add_setup_args,
     print_figures,
@@ -24,7 +25,7 @@ from agent.config import Settings
 from agent.twin import validation
 from agent.twin.memory import kv_cache_blocks
 from agent.twin.power import PowerModel
-from agent.twin.server.app import ServeConfig, serve
+from agent.twin.server.app import TRITON_MODEL_NAME, ServeApi, ServeConfig, serve
 
 
 def cmd_twin_gpus(args: argparse.Namespace) -> int:
@@ -153,7 +154,7 @@ def cmd_twin_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_twin_serve(args: argparse.Namespace) -> int:
-    """Serve the twin with Triton's HTTP API and metrics until SIGINT or SIGTERM."""
+    """Serve the twin with one server's HTTP API and metrics until SIGINT or SIGTERM."""
     setup = setup_from_args(args)
     config = ServeConfig(
         host=args.host,
@@ -165,6 +166,8 @@ def cmd_twin_serve(args: argparse.Namespace) -> int:
         metrics_interval_ms=args.metrics_interval_ms,
         iteration_stats_stdout=args.iteration_stats_stdout,
         iteration_stats_endpoint=args.iteration_stats_endpoint,
+        decoupled=args.decoupled_mode == "true",
+        api=ServeApi(args.api),
     )
     try:
         asyncio.run(serve(setup, config))
@@ -179,19 +182,37 @@ def cmd_twin_serve(args: argparse.Namespace) -> int:
 def _add_serve_parser(twin_sub: argparse._SubParsersAction) -> None:
     serve_parser = twin_sub.add_parser(
         "serve",
-        help="serve the twin in real time with Triton's HTTP API, metrics and a GPU control endpoint",
-        description="Prints one JSON line with the bound ports at start; stops on SIGINT or SIGTERM.",
+        help="serve the twin in real time with Triton's, vLLM's or trtllm-serve's HTTP API, its "
+        "metrics and a GPU control endpoint",
+        description="Prints one JSON line at start (event, host, http_port, metrics_port: null "
+        "without a metrics port, model_name, time_scale, api); stops on SIGINT or SIGTERM.",
     )
     add_setup_args(serve_parser)
+    serve_parser.add_argument(
+        "--api",
+        choices=[api.value for api in ServeApi],
+        default=ServeApi.TRITON.value,
+        help="the server the HTTP port speaks as: triton (generate, KServe v2 health and metadata; "
+        "metrics on --metrics-port), vllm (OpenAI /v1 routes, /health, /version, Prometheus "
+        "/metrics) or trtllm-serve (OpenAI /v1 routes, /health, /version, iteration-stats "
+        "/metrics) (default %(default)s)",
+    )
     serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     serve_parser.add_argument(
-        "--http-port", type=int, default=8000, help="Triton HTTP port, 0 for any (default %(default)s)"
+        "--http-port", type=int, default=8000, help="HTTP API port, 0 for any (default %(default)s)"
     )
     serve_parser.add_argument(
-        "--metrics-port", type=int, default=8002, help="metrics port, 0 for any (default %(default)s)"
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="Triton's metrics port, 0 for any; unused by --api vllm and trtllm-serve, which serve "
+        "their metrics on the HTTP port (default %(default)s)",
     )
     serve_parser.add_argument(
-        "--model-name", default="ensemble", help="model name clients address (default %(default)s)"
+        "--model-name",
+        default=None,
+        help=f"model name clients address (default: {TRITON_MODEL_NAME} for --api triton, the --model "
+        "catalog name, e.g. llama3-8b, for vllm and trtllm-serve)",
     )
     serve_parser.add_argument(
         "--time-scale",
@@ -203,13 +224,14 @@ def _add_serve_parser(twin_sub: argparse._SubParsersAction) -> None:
         "--stats-period-ms",
         type=float,
         default=100.0,
-        help="TRT-LLM backend stats poll period, twin time (default %(default)s)",
+        help="TRT-LLM backend stats poll period, twin time; --api triton only (default %(default)s)",
     )
     serve_parser.add_argument(
         "--metrics-interval-ms",
         type=float,
         default=2000.0,
-        help="Triton --metrics-interval-ms for GPU metrics, twin time (default %(default)s)",
+        help="Triton --metrics-interval-ms for GPU metrics, twin time; --api triton only "
+        "(default %(default)s)",
     )
     serve_parser.add_argument(
         "--iteration-stats-stdout",
@@ -219,8 +241,17 @@ def _add_serve_parser(twin_sub: argparse._SubParsersAction) -> None:
     serve_parser.add_argument(
         "--iteration-stats-endpoint",
         action="store_true",
-        help="also answer trtllm-serve's GET /metrics on the HTTP port: every iteration's stats "
-        "(with its latency) since the last call, as a JSON array",
+        help="--api triton: also answer trtllm-serve's GET /metrics on the HTTP port, every "
+        "iteration's stats (with its latency) since the last call as a JSON array "
+        "(--api trtllm-serve always does)",
+    )
+    serve_parser.add_argument(
+        "--decoupled-mode",
+        choices=("true", "false"),
+        default="true",
+        help="--api triton: TRT-LLM's decoupled_mode. true streams one response per token over "
+        "generate_stream and answers HTTP infer 501, as Triton does for a decoupled model; false "
+        "sends one response per request and serves KServe infer (default %(default)s)",
     )
     serve_parser.set_defaults(func=cmd_twin_serve)
 
@@ -232,14 +263,16 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
     twin_sub = twin.add_subparsers(dest="twin", required=True)
     gpus = twin_sub.add_parser("gpus", help="list known GPUs")
-    gpus.add_argument("--json", action="store_true")
+    gpus.add_argument("--json", action="store_true", help="print the list as JSON")
     gpus.set_defaults(func=cmd_twin_gpus)
     models = twin_sub.add_parser("models", help="list known models and the KV cache they leave")
-    models.add_argument("--json", action="store_true")
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
     models.set_defaults(func=cmd_twin_models)
     probe = twin_sub.add_parser("probe", help="time and power of one iteration")
     add_setup_args(probe)
-    probe.add_argument("--phase", choices=("decode", "prefill"), default="decode")
+    probe.add_argument(
+        "--phase", choices=("decode", "prefill"), default="decode", help="the iteration (default %(default)s)"
+    )
     probe.add_argument("--batch", type=int, default=1, help="decoding requests (decode)")
     probe.add_argument(
         "--context",
@@ -249,7 +282,7 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
     )
     probe.add_argument("--tokens", type=int, default=1024, help="prompt tokens (prefill)")
     probe.add_argument("--clock", type=int, default=None, help="SM clock MHz (default: max)")
-    probe.add_argument("--json", action="store_true")
+    probe.add_argument("--json", action="store_true", help=JSON_HELP)
     probe.set_defaults(func=cmd_twin_probe)
     validate = twin_sub.add_parser(
         "validate", help="the twin's iteration times against published measurements (MAPE)"
@@ -260,6 +293,6 @@ def register(sub: argparse._SubParsersAction, settings: Settings) -> None:
         choices=tuple(validation.SOURCES),
         help="only this source (repeatable; default: all)",
     )
-    validate.add_argument("--json", action="store_true")
+    validate.add_argument("--json", action="store_true", help="print the comparison as JSON")
     validate.set_defaults(func=cmd_twin_validate)
     _add_serve_parser(twin_sub)

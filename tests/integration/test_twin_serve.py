@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import tritonclient.http as triton_http
 from prometheus_client.parser import text_string_to_metric_families
@@ -116,6 +117,24 @@ def test_tritonclient_sees_a_triton_server_and_sigterm_exits_cleanly():
             "nv_inference_request_success",
         } <= families
 
+        code, stderr = stop(served, signal.SIGTERM)
+        assert code == 0, stderr
+
+
+def test_not_decoupled_the_served_ensemble_answers_tritonclient_infer():
+    """`--decoupled-mode false` is TRT-LLM's non-decoupled ensemble: KServe infer runs a generation."""
+    with serve("--time-scale", "50", "--decoupled-mode", "false") as served:
+        client = triton_http.InferenceServerClient(served.http.removeprefix("http://"))
+        assert client.get_model_config("ensemble")["model_transaction_policy"] == {"decoupled": False}
+        text = triton_http.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"What is a GPU?"]], dtype=object))
+        max_tokens = triton_http.InferInput("max_tokens", [1, 1], "INT32")
+        max_tokens.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+        result = client.infer("ensemble", [text, max_tokens], parameters={"output_tokens": 3})
+        assert result.as_numpy("text_output").tolist() == [[b"What is a GPU?" + b" tok" * 3]]
+        stats = client.get_inference_statistics("ensemble")["model_stats"][0]
+        assert stats["inference_stats"]["success"]["count"] == 1
+        client.close()
         code, stderr = stop(served, signal.SIGTERM)
         assert code == 0, stderr
 

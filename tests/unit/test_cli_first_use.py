@@ -12,8 +12,6 @@ import agent.cli.run as run_command
 from agent.cli import build_parser, main
 from agent.config import Settings, env_name
 
-# Commands whose options someone else is giving help texts now; drop each once it has them.
-HELP_PENDING = {"twin"}
 # A value for every `run` flag, none of them the default, that fits together for the sidecar.
 RUN_VALUES = {
     "engine": "trtllm-serve",
@@ -68,8 +66,7 @@ def options_without_help(parser: argparse.ArgumentParser, path: tuple[str, ...] 
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                if name not in HELP_PENDING:
-                    missing += options_without_help(sub, (*path, name))
+                missing += options_without_help(sub, (*path, name))
         elif action.option_strings and not action.help:
             missing.append(f"{' '.join(path)} {action.option_strings[-1]}")
     return missing
