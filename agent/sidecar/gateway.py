@@ -370,10 +370,11 @@ class Gateway:
             try:
                 facts = read_request(
                     exchange.route,
-                    json_part(request.headers, body.data),
+                    body.data,
                     request.match_info.get("model"),
                     self.prompt_tokens,
                     self.default_max_tokens,
+                    binary_header_length=request.headers.get(BINARY_HEADER_LENGTH),
                 )
             except MalformedRequestError as exc:
                 return await self._refuse(request, exchange, _RefusalError(400, str(exc)))
@@ -526,7 +527,9 @@ class Gateway:
             failure = self._upstream_failed(exc, "while sending its answer")
             return await self._answer_error(request, exchange, failure), Outcome.UPSTREAM_ERROR
         if 200 <= upstream.status < 300:
-            self._report(exchange, tokens.body(json_part(upstream.headers, body)), streamed=False)
+            self._report(
+                exchange, tokens.body(body, upstream.headers.get(BINARY_HEADER_LENGTH)), streamed=False
+            )
         response = web.Response(
             status=upstream.status,
             reason=upstream.reason,
@@ -797,18 +800,6 @@ def _identify(headers: CIMultiDict[str], exchange: _Exchange) -> CIMultiDict[str
     if exchange.ticket is not None:
         headers[REQUEST_ID_HEADER] = exchange.ticket.public_id
     return headers
-
-
-def json_part(headers: Mapping[str, str], body: bytes | bytearray) -> bytes | bytearray:
-    """The JSON of a body: all of it, or the header part of a KServe binary-tensor body.
-
-    With Triton's binary tensor extension the JSON is the first `Inference-Header-Content-Length`
-    bytes and raw tensor data follows; only the JSON part says anything about tokens.
-    """
-    length = headers.get(BINARY_HEADER_LENGTH)
-    if length is None or not length.isdigit():
-        return body
-    return bytes(body[: int(length)])
 
 
 def _fact_attributes(facts: RequestFacts) -> dict[str, str | bool | int]:

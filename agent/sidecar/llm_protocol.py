@@ -138,11 +138,16 @@ def read_request(
     path_model: str | None,
     counter: PromptTokenCounter,
     default_max_tokens: int,
+    *,
+    binary_header_length: str | None = None,
 ) -> RequestFacts:
     """Sizes of one request; a body that is not a JSON object is sized from its raw text.
 
-    MalformedRequestError when the body nests too deep or a token count is out of range.
+    `binary_header_length`: the request's `Inference-Header-Content-Length` (KServe binary
+    tensors: the JSON is that many bytes, tensor data follows). MalformedRequestError when the
+    body nests too deep or a token count is out of range.
     """
+    body, binary = split_binary_tensors(body, binary_header_length)
     check_json_depth(body)
     document = _json(body)
     fallback_max = (
@@ -152,7 +157,7 @@ def read_request(
         text = body.decode("utf-8", errors="replace")
         return RequestFacts(path_model, False, counter.count(text), fallback_max, parsed=False)
     if route.kind is Kind.INFER:
-        return _triton_request(_infer_keys(document), path_model, counter, fallback_max)
+        return _triton_request(_infer_keys(document, binary), path_model, counter, fallback_max)
     if route.api is Api.TRITON:
         return _triton_request(document, path_model, counter, fallback_max)
     if route.kind is Kind.CHAT:
@@ -195,17 +200,65 @@ def _triton_request(
     )
 
 
-def _infer_keys(document: dict[str, Any]) -> dict[str, Any]:
-    """A KServe v2 request's input tensors by name, as the generate extension would have them."""
-    inputs = document.get("inputs")
+def split_binary_tensors(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[bytes | bytearray, bytes | bytearray]:
+    """(JSON, binary tensor data) of a body; all JSON without a usable header length."""
+    if header_length is None or not header_length.isdigit() or int(header_length) > len(body):
+        return body, b""
+    split = int(header_length)
+    return body[:split], body[split:]
+
+
+def _infer_keys(document: dict[str, Any], binary: bytes | bytearray = b"") -> dict[str, Any]:
+    """A KServe v2 message's tensors by name (their first element), as generate would have them.
+
+    `inputs` and `outputs` alike; a tensor sent as binary data (`parameters.binary_data_size`)
+    takes the next that many bytes of `binary`, in the order the tensors are listed.
+    """
     keys: dict[str, Any] = {}
     parameters = document.get("parameters")
     if isinstance(parameters, dict):
         keys["parameters"] = parameters
-    for tensor in inputs if isinstance(inputs, list) else ():
-        if isinstance(tensor, dict) and isinstance(tensor.get("name"), str):
+    tensors = document.get("inputs", document.get("outputs"))
+    offset = 0
+    for tensor in tensors if isinstance(tensors, list) else ():
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            continue
+        size = _binary_size(tensor)
+        if size is None:
             keys[tensor["name"]] = _flat_first(tensor.get("data"))
+            continue
+        data = binary[offset : offset + size]
+        offset += size
+        keys[tensor["name"]] = _first_binary_element(data, tensor.get("datatype"))
     return keys
+
+
+def _binary_size(tensor: dict[str, Any]) -> int | None:
+    parameters = tensor.get("parameters")
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
+_BINARY_INTS = {"INT32": (4, True), "INT64": (8, True), "UINT32": (4, False), "UINT64": (8, False)}
+
+
+def _first_binary_element(data: bytes | bytearray, datatype: object) -> object:
+    """The first element of a binary tensor (little-endian; BYTES: 4-byte length, then the bytes)."""
+    if datatype == "BYTES":
+        if len(data) < 4:
+            return None
+        length = int.from_bytes(data[:4], "little")
+        return (
+            bytes(data[4 : 4 + length]).decode("utf-8", errors="replace") if 4 + length <= len(data) else None
+        )
+    if datatype == "BOOL":
+        return bool(data[0]) if data else None
+    width, signed = _BINARY_INTS.get(datatype, (0, False)) if isinstance(datatype, str) else (0, False)
+    if not width or len(data) < width:
+        return None
+    return int.from_bytes(data[:width], "little", signed=signed)
 
 
 def _flat_first(data: object) -> object:
@@ -292,10 +345,11 @@ class ResponseTokens:
         self.total += new
         return new
 
-    def body(self, body: bytes) -> int:
-        """Tokens in a whole (non-streamed) answer."""
+    def body(self, body: bytes, binary_header_length: str | None = None) -> int:
+        """Tokens in a whole (non-streamed) answer; `binary_header_length` as for `read_request`."""
         if self.route.kind is Kind.INFER:
-            return self._infer(body)
+            return self._infer(*split_binary_tensors(body, binary_header_length))
+        body = bytes(split_binary_tensors(body, binary_header_length)[0])
         if self.route.api is Api.TRITON:
             return self._triton(body, per_response=self.facts.max_tokens)
         document = _json(body)
@@ -321,12 +375,12 @@ class ResponseTokens:
         given = _int(document.get("num_output_tokens"))
         return per_response if given is None or given < 0 else given
 
-    def _infer(self, body: bytes) -> int:
+    def _infer(self, body: bytes | bytearray, binary: bytes | bytearray) -> int:
         """A KServe v2 answer: its `num_output_tokens` output if given, else `max_tokens`."""
         document = _json(body)
         if not isinstance(document, dict) or self._is_error(document):
             return 0
-        outputs = _infer_keys({"inputs": document.get("outputs")})
+        outputs = _infer_keys({"outputs": document.get("outputs")}, binary)
         given = _int(outputs.get("num_output_tokens"))
         return self.facts.max_tokens if given is None or given < 0 else given
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
+import tritonclient.http as triton_http
 from aiohttp import web
 
-from agent.sidecar.gateway import json_part
 from agent.sidecar.llm_protocol import (
     MAX_JSON_DEPTH,
     TRACKED_ROUTES,
@@ -85,10 +86,47 @@ def test_infer_through_the_gateway_is_admitted_and_its_tokens_counted():
 def test_a_binary_tensor_body_is_sized_from_its_json_header_only():
     header = json.dumps(infer_request("x" * 40, 9)).encode()
     binary = b"[" * 5000 + bytes(range(256)) * 10  # raw tensor bytes: neither JSON nor nesting
-    part = json_part({"Inference-Header-Content-Length": str(len(header))}, header + binary)
-    facts = read_request(INFER, part, "ensemble", EstimateCounter(), 1024)
+    facts = read_request(
+        INFER, header + binary, "ensemble", EstimateCounter(), 1024, binary_header_length=str(len(header))
+    )
     assert (facts.prompt_tokens, facts.max_tokens, facts.parsed) == (10, 9, True)
-    assert json_part({}, header + binary) == header + binary
+
+
+def test_tritonclients_binary_tensors_are_read_in_the_request_and_the_answer():
+    """tritonclient sends inputs as binary tensor data by default, and asks for binary outputs."""
+    text = triton_http.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([["x" * 40]], dtype=object))  # binary_data=True: the default
+    max_tokens = triton_http.InferInput("max_tokens", [1, 1], "INT32")
+    max_tokens.set_data_from_numpy(np.array([[9]], dtype=np.int32))
+    body, json_size = triton_http.InferenceServerClient.generate_request_body([text, max_tokens])
+    assert json_size is not None and b'"data"' not in body[:json_size]  # the values are binary only
+    facts = read_request(
+        INFER, body, "ensemble", EstimateCounter(), 1024, binary_header_length=str(json_size)
+    )
+    assert (facts.prompt_tokens, facts.max_tokens, facts.parsed) == (10, 9, True)
+
+    text_out = "x" * 40 + " tok" * 7
+    tensors = [
+        ("num_output_tokens", "INT32", np.int32(7).tobytes()),
+        ("text_output", "BYTES", len(text_out).to_bytes(4, "little") + text_out.encode()),
+    ]
+    answer_header = json.dumps(
+        {
+            "model_name": "ensemble",
+            "outputs": [
+                {"name": n, "datatype": t, "shape": [1, 1], "parameters": {"binary_data_size": len(d)}}
+                for n, t, d in tensors
+            ],
+        }
+    ).encode()
+    answer = answer_header + b"".join(d for _, _, d in tensors)
+    parsed = triton_http.InferenceServerClient.parse_response_body(answer, header_length=len(answer_header))
+    assert parsed.as_numpy("num_output_tokens").tolist() == [[7]]  # the fixture is what Triton sends
+    tokens = ResponseTokens(INFER, facts, EstimateCounter())
+    assert tokens.body(answer, str(len(answer_header))) == 7
+    assert (
+        tokens.body(answer[: len(answer_header)] + b"\x07", str(len(answer_header))) == 9
+    )  # cut: max_tokens
 
 
 @pytest.mark.parametrize(
